@@ -1,0 +1,1 @@
+"""The search system: space files, trials, tracking and the Ray Tune runner."""
