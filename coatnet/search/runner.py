@@ -1,0 +1,320 @@
+"""Assemble and run one search: Optuna TPE + ASHA in a Ray Tune ``Tuner`` over ``run_trial``.
+
+Everything the user can get wrong is checked before Ray starts or any directory or MLflow run
+is created. A search lives in ``<storage_path>/<name>``; running the same name again (or
+``--resume``) continues it: finished trials are kept, unfinished ones continue from their last
+checkpoint, the Optuna study carries on and MLflow keeps one child run per trial.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coatnet.search.space import SearchSpace, constraints_func, load_space
+
+logger = logging.getLogger("coatnet.search")
+
+STATE_FILE = "search_state.json"
+DEFAULT_STORAGE = "ray_results"
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class SearchInputError(ValueError):
+    """Bad command-line input (found before any compute is spent)."""
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """The CLI's overrides of a space file; ``None`` keeps the file's value."""
+
+    space: Path
+    num_samples: int | None = None
+    max_concurrent_trials: int | None = None
+    name: str | None = None
+    storage_path: str | None = None
+    resume: bool = False
+    seed: int | None = None
+    mlflow_uri: str | None = None
+    experiment_name: str | None = None
+    data_dir: str | None = None
+    smoke_test: bool = False
+    address: str | None = None
+    use_gpu: bool | None = None
+    extra_config: Mapping[str, Any] = field(default_factory=dict)  # e.g. test fault injection
+
+
+@dataclass
+class SearchOutcome:
+    experiment_dir: Path
+    leaderboard_csv: Path
+    best_config_yaml: Path | None
+    best_checkpoint: str | None
+    best_value: float | None
+    status_counts: dict[str, int]
+    parent_run_id: str
+    tracking_uri: str
+    rows: list[Any]
+    metric: str
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything decided before Ray starts."""
+
+    space: SearchSpace
+    name: str
+    storage_path: Path
+    experiment_dir: Path
+    resuming: bool
+    state: dict[str, Any]
+    tracking_uri: str
+    experiment_name: str
+    data: dict[str, Any]
+    trial: dict[str, Any]
+
+
+def _storage_root(options: SearchOptions) -> Path:
+    raw = options.storage_path or DEFAULT_STORAGE
+    if "://" in raw:
+        raise SearchInputError(
+            f"--storage-path={raw!r}: only local or mounted paths are supported by this "
+            "version; mount the bucket (e.g. with a FUSE driver) and pass the mount path")
+    return Path(raw).expanduser().resolve()
+
+
+def _read_state(experiment_dir: Path) -> dict[str, Any] | None:
+    path = experiment_dir / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SearchInputError(f"{path}: unreadable search state ({err}); it is not an "
+                               "experiment this tool can resume") from None
+
+
+def _latest_experiment(root: Path, space: SearchSpace) -> Path | None:
+    candidates = []
+    if root.is_dir():
+        for child in root.iterdir():
+            state = _read_state(child) if child.is_dir() else None
+            if state and state.get("space_path") == str(space.path.resolve()):
+                candidates.append((state.get("created", ""), child))
+    return max(candidates)[1] if candidates else None
+
+
+def plan_search(options: SearchOptions) -> _Plan:
+    """Validate the space and the options and decide names and paths; creates nothing."""
+    from coatnet.search.tracking import resolve_tracking_uri
+
+    space = load_space(options.space)  # SpaceError lists every problem in the file
+    if options.smoke_test:
+        space = space.smoke_test()
+    space = space.with_overrides(num_samples=options.num_samples,
+                                 max_concurrent_trials=options.max_concurrent_trials,
+                                 seed=options.seed)
+    for flag, value in (("--num-samples", options.num_samples),
+                        ("--max-concurrent-trials", options.max_concurrent_trials)):
+        if value is not None and value < 1:
+            raise SearchInputError(f"{flag}={value}: must be a positive integer")
+    if options.name is not None and not _NAME_PATTERN.match(options.name):
+        raise SearchInputError(f"--name={options.name!r}: use letters, digits, '.', '_' and "
+                               "'-' (at most 128 characters, no '/')")
+    root = _storage_root(options)
+    if options.name:
+        name = options.name
+    elif options.resume:
+        latest = _latest_experiment(root, space)
+        if latest is None:
+            raise SearchInputError(f"--resume: no earlier search of {space.path} under {root}; "
+                                   "pass --name NAME of the search to continue")
+        name = latest.name
+    else:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        name = f"{space.path.stem}{'-smoke' if options.smoke_test else ''}-{stamp}"
+    experiment_dir = root / name
+    state = _read_state(experiment_dir)
+    if options.resume and state is None:
+        raise SearchInputError(f"--resume: {experiment_dir} is not a search experiment "
+                               f"(no {STATE_FILE}); start it without --resume")
+    resuming = state is not None
+    if resuming and state.get("space_sha256") != space.sha256:
+        raise SearchInputError(
+            f"{space.path}: the space file changed since search {name!r} started (sha256 "
+            f"{state.get('space_sha256', '?')[:12]} -> {space.sha256[:12]}); resuming would mix "
+            "two searches. Restore the old file or start a new search with another --name")
+
+    data = space.data.model_dump()
+    if options.data_dir is not None:
+        data["data_dir"] = str(Path(options.data_dir).expanduser().resolve())
+    if data.get("path"):
+        data["path"] = str(Path(data["path"]).expanduser().resolve())
+    trial = space.trial.model_dump()
+    if options.use_gpu is not None:
+        trial["use_gpu"] = options.use_gpu
+    tracking_uri = (state or {}).get("tracking_uri") if resuming and not options.mlflow_uri \
+        else resolve_tracking_uri(options.mlflow_uri)
+    experiment_name = options.experiment_name or (state or {}).get("experiment_name") \
+        or f"coatnet-search/{space.path.stem}"
+    return _Plan(space=space, name=name, storage_path=root, experiment_dir=experiment_dir,
+                 resuming=resuming, state=state or {}, tracking_uri=tracking_uri,
+                 experiment_name=experiment_name, data=data, trial=trial)
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    from coatnet.search.trial import apply_recommended_env, recommended_env_vars
+
+    if ray.is_initialized():
+        return
+    apply_recommended_env()  # a local cluster inherits these; a remote one gets the runtime env
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": recommended_env_vars()}
+    try:
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING,
+                 log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise SearchInputError(f"cannot reach the Ray cluster at {address!r}: {err}") from err
+
+
+def _default_concurrency(trial: Mapping[str, Any]) -> int:
+    import ray
+
+    resources = ray.cluster_resources()
+    workers = int(trial["num_workers"])
+    if trial["use_gpu"]:
+        per_trial, have = workers, resources.get("GPU", 0.0)
+    else:
+        per_trial, have = workers * float(trial["cpus_per_worker"]), resources.get("CPU", 1.0)
+    return max(1, int(have // per_trial))
+
+
+def _write_state(plan: _Plan, parent_run_id: str) -> None:
+    plan.experiment_dir.mkdir(parents=True, exist_ok=True)
+    state = dict(plan.state)
+    state.update({
+        "space_path": str(plan.space.path.resolve()), "space_sha256": plan.space.sha256,
+        "parent_run_id": parent_run_id, "tracking_uri": plan.tracking_uri,
+        "experiment_name": plan.experiment_name,
+        "created": state.get("created") or datetime.datetime.now().isoformat(),
+    })
+    tmp = plan.experiment_dir / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, plan.experiment_dir / STATE_FILE)
+
+
+def _trial_name(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def run_search(options: SearchOptions) -> SearchOutcome:
+    """Run (or continue) a search and export its results; see the module docstring."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from coatnet.search import results as results_mod
+    from coatnet.search.progress import ProgressCallback
+    from coatnet.search.tracking import (MLflowTrackingCallback, check_tracking_server,
+                                         close_orphaned_runs, finish_parent_run,
+                                         start_parent_run)
+    from coatnet.search.trial import run_trial, trial_resources
+
+    plan = plan_search(options)
+    space, settings = plan.space, plan.space.search
+    check_tracking_server(plan.tracking_uri)
+    _init_ray(options.address)
+
+    metric, mode, epochs = settings.metric, settings.mode, plan.trial["epochs"]
+    search_settings = {"name": plan.name, "space": str(space.path), **settings.model_dump(),
+                       "constraints": space.constraints.model_dump(), "trial": plan.trial,
+                       "data": {k: v for k, v in plan.data.items() if v is not None}}
+    parent_run_id = start_parent_run(
+        tracking_uri=plan.tracking_uri, experiment_name=plan.experiment_name,
+        run_name=plan.name, search_settings=search_settings, space_text=space.text,
+        space_sha256=space.sha256, resume_run_id=plan.state.get("parent_run_id"))
+    _write_state(plan, parent_run_id)
+    mlflow_state = plan.experiment_dir / "mlflow_runs.json"
+
+    trainable = tune.with_resources(run_trial, trial_resources(plan.trial))
+    param_space = {"data": plan.data, "trial": plan.trial, "seed": settings.seed,
+                   "metric": metric, "mode": mode, **dict(options.extra_config)}
+    concurrency = settings.max_concurrent_trials or _default_concurrency(plan.trial)
+    if plan.resuming and tune.Tuner.can_restore(str(plan.experiment_dir)):
+        logger.info("resuming search %s from %s", plan.name, plan.experiment_dir)
+        tracker = None
+        tuner = tune.Tuner.restore(str(plan.experiment_dir), trainable=trainable,
+                                   resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space)
+    else:
+        import optuna
+
+        if settings.searcher == "tpe":
+            sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
+                seed=settings.seed, n_startup_trials=settings.n_startup_trials,
+                constraints_func=constraints_func)
+        else:
+            sampler = optuna.samplers.RandomSampler(seed=settings.seed)
+        searcher = OptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
+                                sampler=sampler)
+        scheduler = ASHAScheduler(time_attr="epochs_done", max_t=epochs,
+                                  grace_period=settings.asha.grace_period,
+                                  reduction_factor=settings.asha.reduction_factor,
+                                  brackets=settings.asha.brackets)
+        tracker = MLflowTrackingCallback(tracking_uri=plan.tracking_uri,
+                                         parent_run_id=parent_run_id, state_path=mlflow_state,
+                                         max_epochs=epochs, metric=metric, mode=mode)
+        progress = ProgressCallback(metric=metric, mode=mode, max_epochs=epochs)
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
+                num_samples=settings.num_samples, max_concurrent_trials=concurrency,
+                reuse_actors=True, trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(
+                name=plan.name, storage_path=str(plan.storage_path),
+                callbacks=[tracker, progress], verbose=0,
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=plan.trial["keep_checkpoints"],
+                    checkpoint_score_attribute=metric, checkpoint_score_order=mode),
+                failure_config=tune.FailureConfig(max_failures=plan.trial["max_failures"])))
+    logger.info("search %s: %d samples, up to %d at once, %d epochs each; experiment dir %s; "
+                "MLflow %s (experiment %r, parent run %s)", plan.name, settings.num_samples,
+                concurrency, epochs, plan.experiment_dir, plan.tracking_uri,
+                plan.experiment_name, parent_run_id)
+    grid = tuner.fit()
+
+    rows = results_mod.leaderboard(grid, metric=metric, mode=mode, max_epochs=epochs)
+    leaderboard_csv = plan.experiment_dir / "leaderboard.csv"
+    results_mod.write_leaderboard(rows, leaderboard_csv, metric=metric)
+    best = next((r for r in rows if r.best_value is not None), None)
+    best_config_yaml = None
+    if best is not None:
+        best_config_yaml = plan.experiment_dir / "best_config.yaml"
+        results_mod.write_best_config(best, best_config_yaml, metric=metric)
+    counts = results_mod.status_counts(rows)
+    keep = tracker.run_ids().values() if tracker is not None else ()
+    close_orphaned_runs(tracking_uri=plan.tracking_uri, parent_run_id=parent_run_id,
+                        keep_run_ids=keep)
+    finish_parent_run(
+        tracking_uri=plan.tracking_uri, run_id=parent_run_id, status_counts=counts,
+        best_value=None if best is None else best.best_value, leaderboard_csv=leaderboard_csv,
+        best_config_yaml=best_config_yaml, metric=metric,
+        infeasible_reasons={r.trial_id: r.candidate.get("infeasible_reason", "")
+                            for r in rows if r.status == "infeasible"})
+    return SearchOutcome(experiment_dir=plan.experiment_dir, leaderboard_csv=leaderboard_csv,
+                         best_config_yaml=best_config_yaml,
+                         best_checkpoint=None if best is None else best.checkpoint,
+                         best_value=None if best is None else best.best_value,
+                         status_counts=counts, parent_run_id=parent_run_id,
+                         tracking_uri=plan.tracking_uri, rows=rows, metric=metric)

@@ -1,0 +1,92 @@
+"""Search CoAtNet architectures and training hyperparameters (Ray Tune + Optuna TPE + ASHA).
+
+    python experiments/search.py --space search_spaces/coatnet_small.yaml
+
+Runs on this machine with an embedded local Ray and a local MLflow store (sqlite:///mlflow.db);
+the same command runs on a cluster through `ray job submit` (see the README).
+Exit codes: 0 done, 1 the search failed, 2 bad input (nothing was started or created).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
+
+from coatnet.search.runner import SearchInputError, SearchOptions  # noqa: E402
+from coatnet.search.space import SpaceError  # noqa: E402
+
+logger = logging.getLogger("coatnet.search")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", required=True, type=Path, help="search-space YAML file")
+    parser.add_argument("--num-samples", type=int, help="override search.num_samples")
+    parser.add_argument("--max-concurrent-trials", type=int,
+                        help="override search.max_concurrent_trials")
+    parser.add_argument("--name", help="experiment name; the same name again continues it")
+    parser.add_argument("--storage-path", help="where experiments live (default ./ray_results)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue --name, or the latest search of this space")
+    parser.add_argument("--seed", type=int, help="override search.seed")
+    parser.add_argument("--mlflow-uri", help="tracking URI (default $MLFLOW_TRACKING_URI, "
+                                             "else sqlite:///mlflow.db)")
+    parser.add_argument("--experiment-name", help="MLflow experiment name")
+    parser.add_argument("--data-dir", help="dataset root for cifar10/cifar100")
+    parser.add_argument("--smoke-test", action="store_true",
+                        help="a tiny run of the same space, for a quick check")
+    parser.add_argument("--address", help="an existing Ray cluster (default $RAY_ADDRESS, "
+                                          "else a local one)")
+    gpu = parser.add_mutually_exclusive_group()
+    gpu.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None)
+    gpu.add_argument("--no-gpu", dest="use_gpu", action="store_false")
+    parser.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    options = SearchOptions(
+        space=args.space, num_samples=args.num_samples,
+        max_concurrent_trials=args.max_concurrent_trials, name=args.name,
+        storage_path=args.storage_path, resume=args.resume, seed=args.seed,
+        mlflow_uri=args.mlflow_uri, experiment_name=args.experiment_name,
+        data_dir=args.data_dir, smoke_test=args.smoke_test, address=args.address,
+        use_gpu=args.use_gpu)
+    from coatnet.search.runner import run_search
+    from coatnet.search.tracking import TrackingServerUnavailable
+
+    try:
+        outcome = run_search(options)
+    except SpaceError as err:
+        print(f"error: invalid search space:\n{err}", file=sys.stderr)
+        return 2
+    except (SearchInputError, TrackingServerUnavailable, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from coatnet.search.results import format_leaderboard
+
+    print()
+    print(format_leaderboard(outcome.rows, metric=outcome.metric))
+    print()
+    print("trials: " + ", ".join(f"{n} {s}" for s, n in outcome.status_counts.items() if n))
+    print(f"leaderboard:      {outcome.leaderboard_csv}")
+    print(f"best config:      {outcome.best_config_yaml or '(no trial produced a result)'}")
+    print(f"best checkpoint:  {outcome.best_checkpoint or '-'}")
+    print(f"MLflow:           {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
+    if outcome.tracking_uri.startswith("sqlite:"):
+        print(f"compare trials:   mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    return 0 if outcome.best_value is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
