@@ -9,6 +9,7 @@ checkpoint, the Optuna study carries on and MLflow keeps one child run per trial
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coatnet.search.space import SearchSpace, constraints_func, load_space
+from coatnet.search.space import SearchSpace, load_space
 
 logger = logging.getLogger("coatnet.search")
 
@@ -260,12 +261,14 @@ def run_search(options: SearchOptions) -> SearchOutcome:
 
         if settings.searcher == "tpe":
             sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
-                seed=settings.seed, n_startup_trials=settings.n_startup_trials,
-                constraints_func=constraints_func)
+                seed=settings.seed, n_startup_trials=settings.n_startup_trials)
         else:
             sampler = optuna.samplers.RandomSampler(seed=settings.seed)
-        searcher = OptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
-                                sampler=sampler)
+        # Optuna 5: constraints go through Trial.set_constraint (constraints_func is deprecated);
+        # infeasible candidates are then ranked below feasible ones by TPE.
+        searcher = OptunaSearch(space=functools.partial(space.define_by_run,
+                                                        set_constraints=True),
+                                metric=metric, mode=mode, sampler=sampler)
         scheduler = ASHAScheduler(time_attr="epochs_done", max_t=epochs,
                                   grace_period=settings.asha.grace_period,
                                   reduction_factor=settings.asha.reduction_factor,

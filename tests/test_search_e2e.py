@@ -1,0 +1,177 @@
+"""End-to-end searches: real Ray Tune + Optuna + ASHA + TorchTrainer, a real MLflow server.
+
+The space is tiny (synthetic data, 32 px, a few epochs) so the whole module stays within a few
+minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from coatnet import CoAtNetConfig, CoAtNetWithLinearClassifier
+from coatnet.search.runner import SearchOptions, run_search
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TINY_SPACE = """\
+data:
+  dataset: synthetic
+  image_size: 32
+  num_samples: 192
+  num_classes: 4
+  image_channel: 3
+trial:
+  epochs: 4
+  max_failures: 0
+search:
+  num_samples: {num_samples}
+  max_concurrent_trials: 2
+  seed: 3
+  searcher: random
+  asha: {{grace_period: 1, reduction_factor: 2}}
+constraints:
+  max_params: 1.5e5
+model:
+  layout: {{type: categorical, choices: [CCTT, CCCC]}}
+  depth: {{s0: 1, s1: 1, s2: 1, s3: 1, s4: 1}}
+  channels:
+    s0: 8
+    s1: 16
+    s2: 16
+    s3: 32
+    s4: {{type: categorical, choices: [32, 256]}}
+  expand_scale: 2
+  head_dim: 16
+  path_dropout: 0.0
+train:
+  lr: {{type: categorical, choices: [0.003, 0.01]}}
+  weight_decay: 0.01
+  label_smoothing: 0.0
+  batch_size: 64
+  warmup_epochs: 1
+"""
+
+
+def write_space(directory: Path, *, num_samples: int) -> Path:
+    path = directory / "tiny.yaml"
+    path.write_text(TINY_SPACE.format(num_samples=num_samples))
+    return path
+
+
+def child_runs(client: MlflowClient, parent_run_id: str) -> list:
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory, mlflow_server, ray_local):
+    directory = tmp_path_factory.mktemp("search")
+    space = write_space(directory, num_samples=8)
+    outcome = run_search(SearchOptions(space=space, storage_path=str(directory / "runs"),
+                                       mlflow_uri=mlflow_server, name="tiny",
+                                       experiment_name="e2e-tiny"))
+    return outcome, mlflow_server
+
+
+def test_every_trial_is_accounted_for(finished_search) -> None:
+    outcome, _ = finished_search
+    assert len(outcome.rows) == 8
+    assert sum(outcome.status_counts.values()) == 8
+    assert outcome.status_counts["early-stopped"] >= 1  # ASHA cut at least one trial
+    assert outcome.status_counts["completed"] >= 1
+    assert outcome.status_counts["failed"] == 0
+
+
+def test_infeasible_candidates_never_train(finished_search) -> None:
+    outcome, _ = finished_search
+    infeasible = [r for r in outcome.rows if r.status == "infeasible"]
+    assert infeasible, "the space's s4=256 choice is over max_params; some samples must hit it"
+    for row in infeasible:
+        assert row.candidate["model"]["num_channels_in_layers"][4] == 256
+        assert "params" in row.candidate["infeasible_reason"]
+        assert row.epochs_done == 0 and row.checkpoint is None
+        trial_dir = outcome.experiment_dir / f"trial_{row.trial_id}"
+        assert not list(trial_dir.glob("checkpoint_*"))
+    feasible = [r for r in outcome.rows if r.status != "infeasible"]
+    assert all(r.candidate["model"]["num_channels_in_layers"][4] == 32 for r in feasible)
+
+
+def test_mlflow_has_one_parent_and_a_nested_child_per_trial(finished_search) -> None:
+    outcome, uri = finished_search
+    client = MlflowClient(uri)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials_total"] == 8
+    assert parent.data.metrics["trials_infeasible"] == outcome.status_counts["infeasible"]
+    children = child_runs(client, outcome.parent_run_id)
+    assert len(children) == 8
+    by_trial = {run.data.tags["tune_trial_id"]: run for run in children}
+    for row in outcome.rows:
+        run = by_trial[row.trial_id]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["status"] == row.status
+        assert run.data.params["candidate.hparams.lr"] in ("0.003", "0.01")
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        steps = [m.step for m in history]
+        if row.status == "infeasible":
+            assert steps in ([], [0])
+        else:
+            assert steps == list(range(1, row.epochs_done + 1))  # one value per epoch, no dupes
+            assert run.data.metrics["best_val_accuracy"] == pytest.approx(row.best_value)
+    artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
+    assert {"leaderboard.csv", "best_config.yaml"} <= artifacts
+
+
+def test_results_files_rebuild_the_best_model(finished_search) -> None:
+    outcome, _ = finished_search
+    lines = outcome.leaderboard_csv.read_text().strip().splitlines()
+    assert len(lines) == 1 + 8
+    best = outcome.rows[0]
+    assert best.best_value == max(r.best_value for r in outcome.rows if r.best_value is not None)
+    config = CoAtNetConfig.from_yaml(outcome.best_config_yaml)
+    model = CoAtNetWithLinearClassifier(config).eval()
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+    assert outcome.best_checkpoint and Path(outcome.best_checkpoint).is_dir()
+
+
+def test_bad_space_exits_2_and_creates_nothing(tmp_path) -> None:
+    space = tmp_path / "bad.yaml"
+    space.write_text(TINY_SPACE.format(num_samples=0).replace("image_size: 32", "image_size: 8"))
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "search.py"),
+                           "--space", str(space)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "data.image_size" in proc.stderr and "search.num_samples" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no runs, no mlflow.db
+
+
+def test_resume_flag_without_an_experiment_is_refused(tmp_path) -> None:
+    space = write_space(tmp_path, num_samples=2)
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "search.py"),
+                           "--space", str(space), "--resume", "--name", "nope"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "is not a search experiment" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
+
+
+def test_unreachable_mlflow_fails_fast(tmp_path) -> None:
+    from conftest import free_port
+
+    space = write_space(tmp_path, num_samples=2)
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "search.py"),
+                           "--space", str(space), "--mlflow-uri", uri],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert uri in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
+
