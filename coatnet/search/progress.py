@@ -8,6 +8,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from coatnet.search.results import trial_status
+
 logger = logging.getLogger("coatnet.search")
 
 
@@ -40,12 +42,8 @@ class ProgressCallback(Callback):
             self._log(trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        last = trial.last_result or {}
-        status = last.get("status", "running")
-        if status == "running":
-            status = "completed" if int(last.get("epochs_done") or 0) >= self.max_epochs \
-                else "early-stopped"
-        self._finished[trial.trial_id] = status
+        self._finished[trial.trial_id] = trial_status(trial.last_result,
+                                                      max_epochs=self.max_epochs)
         self._log(trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

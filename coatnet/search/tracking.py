@@ -33,9 +33,10 @@ from mlflow.utils.validation import (
 )
 from ray.tune import Callback
 
+from coatnet.search.results import STATUSES, trial_status
+
 logger = logging.getLogger(__name__)
 
-STATUSES = ("completed", "early-stopped", "diverged", "failed", "infeasible")
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "images_per_s", "epoch_time_s")
 # A diverged trial reports 1e6 stand-ins for these; they would only wreck the charts.
 _DIVERGED_STAND_INS = ("train_loss", "val_loss")
@@ -607,18 +608,7 @@ class MLflowTrackingCallback(Callback):
         )
 
     def _final_status(self, last: Mapping[str, Any]) -> str:
-        reported = last.get("status")
-        if reported == "infeasible":
-            return "infeasible"
-        if reported == "diverged":
-            return "diverged"
-        if int(last.get("epochs_done") or 0) < self.max_epochs:
-            return "early-stopped"
-        return "completed"
-
-    def _last_of(self, trial: Any) -> dict[str, Any]:
-        seen = self._last_result.get(trial.trial_id)
-        return seen if seen is not None else dict(getattr(trial, "last_result", None) or {})
+        return trial_status(last, max_epochs=self.max_epochs)
 
     def _close_trial(
         self, trial: Any, status: str, run_status: str, last: Mapping[str, Any]
