@@ -11,9 +11,43 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.ops import SqueezeExcitation, StochasticDepth
 
 from coatnet.attention import CoAtNetRelativeAttention
+
+# torchvision.ops has both of these, but importing torchvision costs every Ray Train worker
+# 1.5-3 s (measured with `python -X importtime`); they are a few lines each.
+
+
+class StochasticDepth(nn.Module):
+    """Drops the whole residual branch per sample with probability ``p`` (training only)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        noise = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * noise.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class SqueezeExcitation(nn.Module):
+    """SE (Hu et al.): channel gates from globally pooled features."""
+
+    def __init__(self, channels: int, squeeze: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
+        return x * scale.sigmoid()
 
 
 def downsampled(size: int) -> int:
@@ -77,11 +111,11 @@ class CoAtNetConvBlock(nn.Module):
             nn.BatchNorm2d(hidden), nn.GELU(),
             nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
             nn.BatchNorm2d(hidden), nn.GELU(),
-            SqueezeExcitation(hidden, squeeze, activation=nn.GELU) if se_ratio > 0
+            SqueezeExcitation(hidden, squeeze) if se_ratio > 0
             else nn.Identity(),
             nn.Conv2d(hidden, out_channels, 1),
         )
-        self.drop_path = StochasticDepth(path_dropout, "row")
+        self.drop_path = StochasticDepth(path_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.shortcut(x) + self.drop_path(self.conv(self.norm(x)))
@@ -122,7 +156,7 @@ class CoAtNetTransformerBlock(nn.Module):
                                              ff_dropout=ff_dropout)
         self.norm2 = nn.LayerNorm(out_channels)
         self.ffn = _FeedForward(out_channels, expand_scale=ffn_expand_scale, dropout=ff_dropout)
-        self.drop_path = StochasticDepth(path_dropout, "row")
+        self.drop_path = StochasticDepth(path_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]

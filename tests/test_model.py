@@ -338,3 +338,26 @@ def test_sdpa_bias_is_additive_mask_not_boolean() -> None:
         q, k, v = attn.qkv(x).view(1, 4, 3, 1, 8).permute(2, 0, 3, 1, 4)
         plain = attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 4, 8))
         assert torch.allclose(attn(x, 2, 2), plain, atol=1e-6)
+
+
+def test_stochastic_depth_drops_whole_samples_and_keeps_the_mean() -> None:
+    from coatnet.blocks import StochasticDepth
+
+    torch.manual_seed(0)
+    drop = StochasticDepth(0.25).train()
+    out = drop(torch.ones(4000, 3, 2, 2))
+    per_sample = out.flatten(1)
+    assert set(per_sample.unique().tolist()) == {0.0, 1 / 0.75}
+    assert torch.all(per_sample.min(1).values == per_sample.max(1).values)  # whole rows
+    assert per_sample.mean().item() == pytest.approx(1.0, abs=0.05)
+    assert torch.equal(drop.eval()(torch.ones(2, 3)), torch.ones(2, 3))
+
+
+def test_model_and_train_loop_do_not_import_torchvision() -> None:
+    # Every Ray Train worker imports these; torchvision alone costs it 1.5-3 s.
+    import subprocess
+    import sys
+
+    code = ("import sys, coatnet, coatnet.search.train_loop; "
+            "assert 'torchvision' not in sys.modules, 'torchvision imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -83,12 +83,14 @@ class _Plan:
 
 
 def _storage_root(options: SearchOptions) -> Path:
+    """Where the driver keeps experiment dirs: the storage path, or for a bucket URI
+    (s3://, gs://...) a local state dir (coatnet.search.cluster.state_root_for)."""
+    from coatnet.search import cluster
+
     raw = options.storage_path or DEFAULT_STORAGE
-    if "://" in raw:
-        raise SearchInputError(
-            f"--storage-path={raw!r}: only local or mounted paths are supported by this "
-            "version; mount the bucket (e.g. with a FUSE driver) and pass the mount path")
-    return Path(raw).expanduser().resolve()
+    if cluster.is_remote_uri(raw):
+        return cluster.state_root_for(raw)
+    return cluster.local_storage_path(raw)
 
 
 def _read_state(experiment_dir: Path) -> dict[str, Any] | None:
@@ -173,13 +175,15 @@ def plan_search(options: SearchOptions) -> _Plan:
 def _init_ray(address: str | None) -> None:
     import ray
 
+    from coatnet.search import cluster
     from coatnet.search.trial import apply_recommended_env, recommended_env_vars
 
     if ray.is_initialized():
         return
     apply_recommended_env()  # a local cluster inherits these; a remote one gets the runtime env
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": recommended_env_vars()}
+    cluster.check_ray_reachable(address)  # ray.init waits minutes on a dead address
+    runtime_env = cluster.driver_runtime_env(recommended_env_vars())
     try:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING,
                  log_to_driver=True)
@@ -190,13 +194,9 @@ def _init_ray(address: str | None) -> None:
 def _default_concurrency(trial: Mapping[str, Any]) -> int:
     import ray
 
-    resources = ray.cluster_resources()
-    workers = int(trial["num_workers"])
-    if trial["use_gpu"]:
-        per_trial, have = workers, resources.get("GPU", 0.0)
-    else:
-        per_trial, have = workers * float(trial["cpus_per_worker"]), resources.get("CPU", 1.0)
-    return max(1, int(have // per_trial))
+    from coatnet.search.cluster import default_concurrency
+
+    return default_concurrency(trial, ray.cluster_resources())
 
 
 def _write_state(plan: _Plan, parent_run_id: str) -> None:
@@ -234,6 +234,12 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     space, settings = plan.space, plan.space.search
     check_tracking_server(plan.tracking_uri)
     _init_ray(options.address)
+    from coatnet.search import cluster
+
+    cluster.check_storage(raw=options.storage_path, local_root=plan.storage_path,
+                          alive_nodes=cluster.alive_node_count())
+    tune_storage = cluster.tune_storage_path(options.storage_path, local_root=plan.storage_path)
+    tune_experiment = f"{tune_storage}/{plan.name}"
 
     metric, mode, epochs = settings.metric, settings.mode, plan.trial["epochs"]
     search_settings = {"name": plan.name, "space": str(space.path), **settings.model_dump(),
@@ -250,10 +256,10 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     param_space = {"data": plan.data, "trial": plan.trial, "seed": settings.seed,
                    "metric": metric, "mode": mode, **dict(options.extra_config)}
     concurrency = settings.max_concurrent_trials or _default_concurrency(plan.trial)
-    if plan.resuming and tune.Tuner.can_restore(str(plan.experiment_dir)):
+    if plan.resuming and tune.Tuner.can_restore(tune_experiment):
         logger.info("resuming search %s from %s", plan.name, plan.experiment_dir)
         tracker = None
-        tuner = tune.Tuner.restore(str(plan.experiment_dir), trainable=trainable,
+        tuner = tune.Tuner.restore(tune_experiment, trainable=trainable,
                                    resume_unfinished=True, resume_errored=True,
                                    param_space=param_space)
     else:
@@ -285,7 +291,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
                 reuse_actors=True, trial_name_creator=_trial_name,
                 trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
-                name=plan.name, storage_path=str(plan.storage_path),
+                name=plan.name, storage_path=tune_storage,
                 callbacks=[tracker, progress], verbose=0,
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=plan.trial["keep_checkpoints"],
