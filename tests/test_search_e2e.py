@@ -51,7 +51,7 @@ model:
   head_dim: 16
   path_dropout: 0.0
 train:
-  lr: {{type: categorical, choices: [0.003, 0.01]}}
+  lr: {{type: categorical, choices: [0.003, 0.01, 1.0e+30]}}  # 1e30 diverges for real
   weight_decay: 0.01
   label_smoothing: 0.0
   batch_size: 64
@@ -90,6 +90,19 @@ def test_every_trial_is_accounted_for(finished_search) -> None:
     assert outcome.status_counts["failed"] == 0
 
 
+def test_a_diverging_trial_ends_as_diverged_and_the_others_finish(finished_search) -> None:
+    outcome, _ = finished_search
+    feasible = [r for r in outcome.rows if r.status != "infeasible"]
+    diverged = [r for r in feasible if r.candidate["hparams"]["lr"] == 1e30]
+    assert diverged, "seed 3 samples lr=1e30 for a feasible candidate"
+    for row in diverged:
+        assert row.status == "diverged" and row.best_value is None
+        assert row.epochs_done == 1  # ended at once, in the first epoch
+    sane = [r for r in feasible if r.candidate["hparams"]["lr"] < 1]
+    assert sane and all(r.status in ("completed", "early-stopped") for r in sane)
+    assert all(r.best_value is not None and 0 <= r.best_value <= 1 for r in sane)
+
+
 def test_infeasible_candidates_never_train(finished_search) -> None:
     outcome, _ = finished_search
     infeasible = [r for r in outcome.rows if r.status == "infeasible"]
@@ -118,14 +131,17 @@ def test_mlflow_has_one_parent_and_a_nested_child_per_trial(finished_search) -> 
         run = by_trial[row.trial_id]
         assert run.info.status == "FINISHED"
         assert run.data.tags["status"] == row.status
-        assert run.data.params["candidate.hparams.lr"] in ("0.003", "0.01")
+        assert run.data.params["candidate.hparams.lr"] in ("0.003", "0.01", "1e+30")
         history = client.get_metric_history(run.info.run_id, "val_accuracy")
         steps = [m.step for m in history]
         if row.status == "infeasible":
             assert steps in ([], [0])
         else:
             assert steps == list(range(1, row.epochs_done + 1))  # one value per epoch, no dupes
-            assert run.data.metrics["best_val_accuracy"] == pytest.approx(row.best_value)
+            if row.status == "diverged":  # its 1e6 loss stand-ins stay out of the charts
+                assert "val_loss" not in run.data.metrics
+            else:
+                assert run.data.metrics["best_val_accuracy"] == pytest.approx(row.best_value)
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"leaderboard.csv", "best_config.yaml"} <= artifacts
 

@@ -610,6 +610,10 @@ class MLflowTrackingCallback(Callback):
     def _final_status(self, last: Mapping[str, Any]) -> str:
         return trial_status(last, max_epochs=self.max_epochs)
 
+    def _last_of(self, trial: Any) -> dict[str, Any]:
+        seen = self._last_result.get(trial.trial_id)
+        return seen if seen is not None else dict(getattr(trial, "last_result", None) or {})
+
     def _close_trial(
         self, trial: Any, status: str, run_status: str, last: Mapping[str, Any]
     ) -> None:
