@@ -1,0 +1,126 @@
+"""This CoAtNet-0 against timm's ``coatnet_0_224``: training and inference images/s, as ratios.
+
+    python benchmarks/peer_benchmark.py [--device cpu|cuda] [--out benchmarks/results/peer_cpu.md]
+
+Both models are built at the same input size and timed in the same process, interleaved, so
+the ratios hold on a noisy machine. MFU = 3 x 2 x forward MACs per image x images/s, over the
+matmul rate measured in the same run (fp32 on CPU, bf16 on GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.benchmark import Timer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from coatnet import CoAtNet, CoAtNetWithLinearClassifier, count_params_and_macs  # noqa: E402
+
+
+def build_models(side: int, device: torch.device) -> dict[str, torch.nn.Module]:
+    import timm
+
+    ours = CoAtNetWithLinearClassifier(CoAtNet.CoAtNet_0(image_height=side, image_width=side))
+    theirs = timm.create_model("coatnet_0_224", img_size=side, pretrained=False)
+    models = {"coatnet (ours)": ours, "timm coatnet_0_224": theirs}
+    return {name: m.to(device).to(memory_format=torch.channels_last) for name, m in models.items()}
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    timer = Timer("a @ b", globals={"a": a, "b": b})
+    return 2 * n**3 / timer.blocked_autorange(min_run_time=seconds).median
+
+
+def time_steps(model: torch.nn.Module, batch: int, side: int, device: torch.device, *,
+               train: bool, amp: bool, seconds: float) -> float:
+    x = torch.randn(batch, 3, side, side, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    # The fused AdamW kernel (CPU and CUDA) keeps the optimizer's per-parameter overhead, which
+    # both models share, from diluting the ratio.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+    def train_step() -> None:
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def infer_step() -> None:
+        with torch.inference_mode(), autocast:
+            model(x)
+
+    model.train(train)
+    step = train_step if train else infer_step
+    for _ in range(2):
+        step()
+    sync = "torch.cuda.synchronize()" if device.type == "cuda" else "pass"
+    timer = Timer(f"step(); {sync}", globals={"step": step, "torch": torch})
+    return batch / timer.blocked_autorange(min_run_time=seconds).median
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seconds", type=float, default=6.0, help="timing per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (median)")
+    parser.add_argument("--cases", default="224:8,64:16", help="side:batch,...")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    amp = device.type == "cuda"
+    dtype = torch.bfloat16 if amp else torch.float32
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    peak = matmul_rate(device, dtype, args.seconds)
+    lines = [f"# Peer benchmark: CoAtNet-0, this project vs timm ({datetime.date.today()})", "",
+             f"Command: `python {' '.join(sys.argv)}`  ",
+             f"Machine: {platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}"
+             + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "") + "  ",
+             f"Measured {str(dtype).removeprefix('torch.')} matmul rate: {peak / 1e12:.3f} TFLOP/s",
+             "", "| size | batch | model | train img/s | infer img/s | train MFU | "
+             "train ratio ours/timm | infer ratio ours/timm |", "|---|---|---|---|---|---|---|---|"]
+    for case in args.cases.split(","):
+        side, batch = (int(v) for v in case.split(":"))
+        macs = count_params_and_macs(CoAtNet.CoAtNet_0(image_height=side, image_width=side)).macs
+        models = build_models(side, device)
+        results: dict[str, dict[str, list[float]]] = {n: {"train": [], "infer": []}
+                                                      for n in models}
+        for _ in range(args.rounds):
+            for name, model in models.items():
+                for mode in ("train", "infer"):
+                    results[name][mode].append(time_steps(
+                        model, batch, side, device, train=mode == "train", amp=amp,
+                        seconds=args.seconds))
+        med = {n: {m: sorted(v)[len(v) // 2] for m, v in r.items()} for n, r in results.items()}
+        ours, theirs = med["coatnet (ours)"], med["timm coatnet_0_224"]
+        for name, values in med.items():
+            mfu = 6 * macs * values["train"] / peak
+            ratio = (f"{ours['train'] / theirs['train']:.2f}x",
+                     f"{ours['infer'] / theirs['infer']:.2f}x") if name.endswith("(ours)") \
+                else ("", "")
+            lines.append(f"| {side} | {batch} | {name} | {values['train']:.1f} | "
+                         f"{values['infer']:.1f} | {mfu:.1%} | {ratio[0]} | {ratio[1]} |")
+        print("\n".join(lines[-len(med):]), flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
