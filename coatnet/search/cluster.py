@@ -157,6 +157,18 @@ def check_storage(*, raw: str | None, local_root: Path, alive_nodes: int,
         f"{SHARED_STORAGE_ENV}=1 (e.g. in runtime_env.yaml) if this path is such a mount")
 
 
+_JOB_PACKAGE = re.compile(r"^.*/working_dir_files/_ray_pkg_[0-9a-f]+/")
+
+
+def space_key(space_path: str) -> str:
+    """A space file's identity across submissions: relative to the job's working dir copy.
+
+    Ray unpacks each ``--working-dir`` upload into ``.../working_dir_files/_ray_pkg_<hash>/``,
+    a new directory whenever the code changes, so ``--resume`` compares the path inside it.
+    """
+    return _JOB_PACKAGE.sub("", space_path)
+
+
 # --------------------------------------------------------------------------- Ray address
 
 

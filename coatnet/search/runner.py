@@ -32,6 +32,20 @@ class SearchInputError(ValueError):
     """Bad command-line input (found before any compute is spent)."""
 
 
+class SearchInterrupted(RuntimeError):
+    """The search was stopped (Ctrl-C / SIGINT) with trials unfinished; its state is saved and
+    the same ``--name`` (or ``--resume``) continues it."""
+
+    def __init__(self, *, name: str, experiment_dir: Path, space: Path,
+                 storage_path: str | None) -> None:
+        self.name, self.experiment_dir, self.space = name, experiment_dir, space
+        storage = f" --storage-path {storage_path}" if storage_path else ""
+        self.resume_command = (f"python experiments/search.py --space {space} --name {name}"
+                               f"{storage} --resume")
+        super().__init__(f"search {name!r} interrupted; its state is saved in {experiment_dir}. "
+                         f"Continue it with:\n    {self.resume_command}")
+
+
 @dataclass(frozen=True)
 class SearchOptions:
     """The CLI's overrides of a space file; ``None`` keeps the file's value."""
@@ -64,6 +78,7 @@ class SearchOutcome:
     tracking_uri: str
     rows: list[Any]
     metric: str
+    mlflow_pending: int = 0  # MLflow operations not delivered (sync_mlflow.py sends them)
 
 
 @dataclass(frozen=True)
@@ -105,11 +120,14 @@ def _read_state(experiment_dir: Path) -> dict[str, Any] | None:
 
 
 def _latest_experiment(root: Path, space: SearchSpace) -> Path | None:
+    from coatnet.search.cluster import space_key  # a Ray job's copy moves with each upload
+
     candidates = []
+    wanted = space_key(str(space.path.resolve()))
     if root.is_dir():
         for child in root.iterdir():
             state = _read_state(child) if child.is_dir() else None
-            if state and state.get("space_path") == str(space.path.resolve()):
+            if state and space_key(str(state.get("space_path", ""))) == wanted:
                 candidates.append((state.get("created", ""), child))
     return max(candidates)[1] if candidates else None
 
@@ -132,6 +150,12 @@ def plan_search(options: SearchOptions) -> _Plan:
         raise SearchInputError(f"--name={options.name!r}: use letters, digits, '.', '_' and "
                                "'-' (at most 128 characters, no '/')")
     root = _storage_root(options)
+    if root.exists() and not root.is_dir():
+        raise SearchInputError(f"--storage-path {root}: exists and is not a directory")
+    if options.data_dir is not None and not Path(options.data_dir).expanduser().is_dir() \
+            and not space.data.model_dump().get("download"):
+        raise SearchInputError(f"--data-dir {options.data_dir}: no such directory (set "
+                               "data.download: true in the space to fetch the dataset)")
     if options.name:
         name = options.name
     elif options.resume:
@@ -149,6 +173,9 @@ def plan_search(options: SearchOptions) -> _Plan:
         raise SearchInputError(f"--resume: {experiment_dir} is not a search experiment "
                                f"(no {STATE_FILE}); start it without --resume")
     resuming = state is not None
+    if not resuming and experiment_dir.is_dir() and any(experiment_dir.iterdir()):
+        raise SearchInputError(f"{experiment_dir}: exists but is not a search experiment (no "
+                               f"{STATE_FILE}); pick another --name")
     if resuming and state.get("space_sha256") != space.sha256:
         raise SearchInputError(
             f"{space.path}: the space file changed since search {name!r} started (sha256 "
@@ -226,7 +253,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     from coatnet.search import results as results_mod
     from coatnet.search.progress import ProgressCallback
     from coatnet.search.tracking import (MLflowTrackingCallback, check_tracking_server,
-                                         close_orphaned_runs, finish_parent_run,
+                                         finish_search_run, pending_tracking_operations,
                                          start_parent_run)
     from coatnet.search.trial import run_trial, trial_resources
 
@@ -259,8 +286,10 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     if plan.resuming and tune.Tuner.can_restore(tune_experiment):
         logger.info("resuming search %s from %s", plan.name, plan.experiment_dir)
         tracker = None
+        # Errored trials stay failed: in the saved state only a trial that used up its
+        # retries is ERROR (a killed or interrupted driver leaves its trials RUNNING).
         tuner = tune.Tuner.restore(tune_experiment, trainable=trainable,
-                                   resume_unfinished=True, resume_errored=True,
+                                   resume_unfinished=True, resume_errored=False,
                                    param_space=param_space)
     else:
         import optuna
@@ -301,7 +330,21 @@ def run_search(options: SearchOptions) -> SearchOutcome:
                 "MLflow %s (experiment %r, parent run %s)", plan.name, settings.num_samples,
                 concurrency, epochs, plan.experiment_dir, plan.tracking_uri,
                 plan.experiment_name, parent_run_id)
-    grid = tuner.fit()
+    interrupted = _InterruptWatch()
+    try:
+        with interrupted:
+            grid = tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C while Tune was saving its state
+        _mark_interrupted(plan, parent_run_id)
+        raise SearchInterrupted(name=plan.name, experiment_dir=plan.experiment_dir,
+                                space=space.path, storage_path=options.storage_path) from None
+    unfinished = _unfinished_trials(grid, mlflow_state, num_samples=settings.num_samples)
+    if interrupted.fired or unfinished:
+        logger.warning("search %s stopped with %d trial(s) unfinished", plan.name,
+                       len(unfinished))
+        _mark_interrupted(plan, parent_run_id)
+        raise SearchInterrupted(name=plan.name, experiment_dir=plan.experiment_dir,
+                                space=space.path, storage_path=options.storage_path)
 
     rows = results_mod.leaderboard(grid, metric=metric, mode=mode, max_epochs=epochs)
     leaderboard_csv = plan.experiment_dir / "leaderboard.csv"
@@ -312,18 +355,99 @@ def run_search(options: SearchOptions) -> SearchOutcome:
         best_config_yaml = plan.experiment_dir / "best_config.yaml"
         results_mod.write_best_config(best, best_config_yaml, metric=metric)
     counts = results_mod.status_counts(rows)
-    keep = tracker.run_ids().values() if tracker is not None else ()
-    close_orphaned_runs(tracking_uri=plan.tracking_uri, parent_run_id=parent_run_id,
-                        keep_run_ids=keep)
-    finish_parent_run(
-        tracking_uri=plan.tracking_uri, run_id=parent_run_id, status_counts=counts,
-        best_value=None if best is None else best.best_value, leaderboard_csv=leaderboard_csv,
-        best_config_yaml=best_config_yaml, metric=metric,
-        infeasible_reasons={r.trial_id: r.candidate.get("infeasible_reason", "")
-                            for r in rows if r.status == "infeasible"})
+    finish = {
+        "status_counts": counts, "best_value": None if best is None else best.best_value,
+        "leaderboard_csv": str(leaderboard_csv),
+        "best_config_yaml": None if best_config_yaml is None else str(best_config_yaml),
+        "metric": metric,
+        "infeasible_reasons": {r.trial_id: r.candidate.get("infeasible_reason", "")
+                               for r in rows if r.status == "infeasible"}}
+    # every trial is closed by now: a child still RUNNING was orphaned by a killed driver
+    finish_search_run(experiment_dir=plan.experiment_dir, tracking_uri=plan.tracking_uri,
+                      parent_run_id=parent_run_id, trial_ids=[r.trial_id for r in rows],
+                      finish=finish)
+    pending = pending_tracking_operations(plan.experiment_dir)
+    if pending:
+        logger.warning("MLflow at %s did not receive %d operation(s); they are kept in %s. "
+                       "Send them with: python experiments/sync_mlflow.py %s",
+                       plan.tracking_uri, pending, plan.experiment_dir, plan.experiment_dir)
     return SearchOutcome(experiment_dir=plan.experiment_dir, leaderboard_csv=leaderboard_csv,
                          best_config_yaml=best_config_yaml,
                          best_checkpoint=None if best is None else best.checkpoint,
                          best_value=None if best is None else best.best_value,
                          status_counts=counts, parent_run_id=parent_run_id,
-                         tracking_uri=plan.tracking_uri, rows=rows, metric=metric)
+                         tracking_uri=plan.tracking_uri, rows=rows, metric=metric,
+                         mlflow_pending=pending)
+
+
+class _InterruptWatch:
+    """Tells whether Tune's SIGINT/SIGUSR1 handler fired during ``fit``.
+
+    Ray 2.60's ``tune.run`` (``_setup_signal_catching``) replaces the SIGINT handler, and on the
+    first signal sets its stop event and puts back the handler it replaced. So: install a
+    marker handler before ``fit``; finding it in place afterwards means Tune was interrupted.
+    A second Ctrl-C then reaches the marker, which raises ``KeyboardInterrupt`` as usual.
+    """
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._previous: Any = None
+        self._installed = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> _InterruptWatch:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if not self._installed:
+            return
+        self.fired = signal.getsignal(signal.SIGINT) == self._handler
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _unfinished_trials(grid: Any, mlflow_state: Path, *, num_samples: int) -> list[str]:
+    """Trials without a final status (the tracker records one for every trial that ended,
+    in this driver or an earlier one), or placeholders for samples never started."""
+    from coatnet.search.results import STATUSES
+
+    try:
+        records = json.loads(mlflow_state.read_text())
+    except (OSError, ValueError):
+        records = {}
+    unfinished = []
+    for result in grid:
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        status = (records.get(trial_id) or {}).get("status")
+        if status not in STATUSES:
+            unfinished.append(str(trial_id))
+    unfinished += ["(not started)"] * max(0, num_samples - len(grid))
+    return unfinished
+
+
+def _mark_interrupted(plan: _Plan, parent_run_id: str) -> None:
+    """Leave MLflow consistent after an interruption: no child RUNNING, the parent KILLED
+    (never FINISHED with trials unfinished); a resume reopens them."""
+    from coatnet.search.tracking import close_orphaned_runs
+
+    try:
+        from mlflow.tracking import MlflowClient
+
+        close_orphaned_runs(tracking_uri=plan.tracking_uri, parent_run_id=parent_run_id,
+                            keep_run_ids=())
+        client = MlflowClient(plan.tracking_uri)
+        client.set_tag(parent_run_id, "interrupted", "true")
+        client.set_terminated(parent_run_id, status="KILLED")
+    except Exception as err:  # MLflow down: the resume fixes the statuses
+        logger.warning("could not mark the MLflow runs of %s as interrupted: %s", plan.name,
+                       err)
