@@ -19,7 +19,7 @@ import torch
 from torch.utils.benchmark import Timer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from coatnet import CoAtNet, CoAtNetWithLinearClassifier, count_params_and_macs  # noqa: E402
+from coatnet import CoAtNet, CoAtNetWithLinearClassifier  # noqa: E402
 
 
 def build_models(side: int, device: torch.device) -> dict[str, torch.nn.Module]:
@@ -29,6 +29,16 @@ def build_models(side: int, device: torch.device) -> dict[str, torch.nn.Module]:
     theirs = timm.create_model("coatnet_0_224", img_size=side, pretrained=False)
     models = {"coatnet (ours)": ours, "timm coatnet_0_224": theirs}
     return {name: m.to(device).to(memory_format=torch.channels_last) for name, m in models.items()}
+
+
+def forward_macs(model: torch.nn.Module, side: int, device: torch.device) -> int:
+    """Each model's own forward MACs (conv, linear, attention matmuls), batch 1."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(torch.randn(1, 3, side, side, device=device))
+    return counter.get_total_flops() // 2
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
@@ -73,7 +83,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seconds", type=float, default=6.0, help="timing per measurement")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     parser.add_argument("--cases", default="224:8,64:16", help="side:batch,...")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -91,12 +101,12 @@ def main() -> None:
              f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}"
              + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "") + "  ",
              f"Measured {str(dtype).removeprefix('torch.')} matmul rate: {peak / 1e12:.3f} TFLOP/s",
-             "", "| size | batch | model | train img/s | infer img/s | train MFU | "
-             "train ratio ours/timm | infer ratio ours/timm |", "|---|---|---|---|---|---|---|---|"]
+             "", "| size | batch | model | GMACs | train img/s | infer img/s | train MFU | "
+             "train ratio ours/timm | infer ratio ours/timm |", "|---|---|---|---|---|---|---|---|---|"]
     for case in args.cases.split(","):
         side, batch = (int(v) for v in case.split(":"))
-        macs = count_params_and_macs(CoAtNet.CoAtNet_0(image_height=side, image_width=side)).macs
         models = build_models(side, device)
+        macs = {name: forward_macs(model, side, device) for name, model in models.items()}
         results: dict[str, dict[str, list[float]]] = {n: {"train": [], "infer": []}
                                                       for n in models}
         for _ in range(args.rounds):
@@ -108,11 +118,11 @@ def main() -> None:
         med = {n: {m: sorted(v)[len(v) // 2] for m, v in r.items()} for n, r in results.items()}
         ours, theirs = med["coatnet (ours)"], med["timm coatnet_0_224"]
         for name, values in med.items():
-            mfu = 6 * macs * values["train"] / peak
+            mfu = 6 * macs[name] * values["train"] / peak
             ratio = (f"{ours['train'] / theirs['train']:.2f}x",
                      f"{ours['infer'] / theirs['infer']:.2f}x") if name.endswith("(ours)") \
                 else ("", "")
-            lines.append(f"| {side} | {batch} | {name} | {values['train']:.1f} | "
+            lines.append(f"| {side} | {batch} | {name} | {macs[name] / 1e9:.2f} | {values['train']:.1f} | "
                          f"{values['infer']:.1f} | {mfu:.1%} | {ratio[0]} | {ratio[1]} |")
         print("\n".join(lines[-len(med):]), flush=True)
     text = "\n".join(lines) + "\n"
