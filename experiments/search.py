@@ -4,12 +4,16 @@
 
 Runs on this machine with an embedded local Ray and a local MLflow store (sqlite:///mlflow.db);
 the same command runs on a cluster through `ray job submit` (see the README).
-Exit codes: 0 done, 1 the search failed, 2 bad input (nothing was started or created).
+Exit codes: 0 done, 1 the search failed (no trial produced a result), 2 bad input (nothing was
+started or created), 3 done but some MLflow data never reached the server (kept on disk;
+`python experiments/sync_mlflow.py EXPERIMENT_DIR` sends it), 130 interrupted (Ctrl-C): the
+state is saved and the printed command (the same --name, or --resume) continues the search.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -31,8 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override search.max_concurrent_trials")
     parser.add_argument("--name", help="experiment name; the same name again continues it")
     parser.add_argument("--storage-path", help="where experiments live (default ./ray_results)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue --name, or the latest search of this space")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
+                        help="continue --name, or the latest search of this space, or the "
+                             "experiment directory DIR")
     parser.add_argument("--seed", type=int, help="override search.seed")
     parser.add_argument("--mlflow-uri", help="tracking URI (default $MLFLOW_TRACKING_URI, "
                                              "else sqlite:///mlflow.db)")
@@ -46,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gpu.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None)
     gpu.add_argument("--no-gpu", dest="use_gpu", action="store_false")
     parser.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    # test-only fault injection (coatnet.search.train_loop's `fault` hooks), as JSON
+    parser.add_argument("--fault", type=json.loads, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -54,14 +61,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    name, storage_path = args.name, args.storage_path
+    if isinstance(args.resume, str):  # --resume DIR: DIR is <storage path>/<name>
+        target = Path(args.resume).expanduser()
+        if not (target / "search_state.json").is_file():
+            print(f"error: --resume {args.resume}: not a search experiment directory (no "
+                  "search_state.json)", file=sys.stderr)
+            return 2
+        target = target.resolve()
+        if (name and name != target.name) or (
+                storage_path and Path(storage_path).expanduser().resolve() != target.parent):
+            print(f"error: --resume {args.resume} contradicts --name/--storage-path",
+                  file=sys.stderr)
+            return 2
+        name, storage_path = target.name, str(target.parent)
     options = SearchOptions(
         space=args.space, num_samples=args.num_samples,
-        max_concurrent_trials=args.max_concurrent_trials, name=args.name,
-        storage_path=args.storage_path, resume=args.resume, seed=args.seed,
+        max_concurrent_trials=args.max_concurrent_trials, name=name,
+        storage_path=storage_path, resume=bool(args.resume), seed=args.seed,
         mlflow_uri=args.mlflow_uri, experiment_name=args.experiment_name,
         data_dir=args.data_dir, smoke_test=args.smoke_test, address=args.address,
-        use_gpu=args.use_gpu)
-    from coatnet.search.runner import run_search
+        use_gpu=args.use_gpu, extra_config={"fault": args.fault} if args.fault else {})
+    from coatnet.search.runner import SearchInterrupted, run_search
     from coatnet.search.tracking import TrackingServerUnavailable
 
     try:
@@ -72,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     except (SearchInputError, TrackingServerUnavailable, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except SearchInterrupted as err:
+        print(f"\n{err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # while starting up, before the search could save anything
+        print(f"\n{_INTERRUPTED} {'--name ' + name + ' ' if name else ''}--resume",
+              file=sys.stderr)
+        return 130
 
     from coatnet.search.results import format_leaderboard
 
@@ -85,8 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MLflow:           {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"compare trials:   mlflow ui --backend-store-uri {outcome.tracking_uri}")
-    return 0 if outcome.best_value is not None else 1
+    if outcome.best_value is None:
+        return 1
+    if outcome.mlflow_pending:
+        print(f"warning: {outcome.mlflow_pending} MLflow operation(s) did not reach "
+              f"{outcome.tracking_uri}; they are kept on disk. Send them with:\n"
+              f"    python experiments/sync_mlflow.py {outcome.experiment_dir}", file=sys.stderr)
+        return 3
+    return 0
+
+
+_INTERRUPTED = ("interrupted while starting; nothing was lost. Continue with the same command "
+                "plus")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C during the imports
+        print(f"\n{_INTERRUPTED} --resume", file=sys.stderr)
+        sys.exit(130)

@@ -277,61 +277,62 @@ def run_search(options: SearchOptions) -> SearchOutcome:
         run_name=plan.name, search_settings=search_settings, space_text=space.text,
         space_sha256=space.sha256, resume_run_id=plan.state.get("parent_run_id"))
     _write_state(plan, parent_run_id)
-    mlflow_state = plan.experiment_dir / "mlflow_runs.json"
-
-    trainable = tune.with_resources(run_trial, trial_resources(plan.trial))
-    param_space = {"data": plan.data, "trial": plan.trial, "seed": settings.seed,
-                   "metric": metric, "mode": mode, **dict(options.extra_config)}
-    concurrency = settings.max_concurrent_trials or _default_concurrency(plan.trial)
-    if plan.resuming and tune.Tuner.can_restore(tune_experiment):
-        logger.info("resuming search %s from %s", plan.name, plan.experiment_dir)
-        tracker = None
-        # Errored trials stay failed: in the saved state only a trial that used up its
-        # retries is ERROR (a killed or interrupted driver leaves its trials RUNNING).
-        tuner = tune.Tuner.restore(tune_experiment, trainable=trainable,
-                                   resume_unfinished=True, resume_errored=False,
-                                   param_space=param_space)
-    else:
-        import optuna
-
-        if settings.searcher == "tpe":
-            sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
-                seed=settings.seed, n_startup_trials=settings.n_startup_trials)
-        else:
-            sampler = optuna.samplers.RandomSampler(seed=settings.seed)
-        # Optuna 5: constraints go through Trial.set_constraint (constraints_func is deprecated);
-        # infeasible candidates are then ranked below feasible ones by TPE.
-        searcher = OptunaSearch(space=functools.partial(space.define_by_run,
-                                                        set_constraints=True),
-                                metric=metric, mode=mode, sampler=sampler)
-        scheduler = ASHAScheduler(time_attr="epochs_done", max_t=epochs,
-                                  grace_period=settings.asha.grace_period,
-                                  reduction_factor=settings.asha.reduction_factor,
-                                  brackets=settings.asha.brackets)
-        tracker = MLflowTrackingCallback(tracking_uri=plan.tracking_uri,
-                                         parent_run_id=parent_run_id, state_path=mlflow_state,
-                                         max_epochs=epochs, metric=metric, mode=mode)
-        progress = ProgressCallback(metric=metric, mode=mode, max_epochs=epochs)
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
-                num_samples=settings.num_samples, max_concurrent_trials=concurrency,
-                reuse_actors=True, trial_name_creator=_trial_name,
-                trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(
-                name=plan.name, storage_path=tune_storage,
-                callbacks=[tracker, progress], verbose=0,
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=plan.trial["keep_checkpoints"],
-                    checkpoint_score_attribute=metric, checkpoint_score_order=mode),
-                failure_config=tune.FailureConfig(max_failures=plan.trial["max_failures"])))
-    logger.info("search %s: %d samples, up to %d at once, %d epochs each; experiment dir %s; "
-                "MLflow %s (experiment %r, parent run %s)", plan.name, settings.num_samples,
-                concurrency, epochs, plan.experiment_dir, plan.tracking_uri,
-                plan.experiment_name, parent_run_id)
     interrupted = _InterruptWatch()
-    try:
+    try:  # Ctrl-C from here on leaves MLflow marked interrupted
+        mlflow_state = plan.experiment_dir / "mlflow_runs.json"
+
+        trainable = tune.with_resources(run_trial, trial_resources(plan.trial))
+        param_space = {"data": plan.data, "trial": plan.trial, "seed": settings.seed,
+                       "metric": metric, "mode": mode, **dict(options.extra_config)}
+        concurrency = settings.max_concurrent_trials or _default_concurrency(plan.trial)
+        if plan.resuming and tune.Tuner.can_restore(tune_experiment):
+            logger.info("resuming search %s from %s", plan.name, plan.experiment_dir)
+            tracker = None
+            # Errored trials stay failed: in the saved state only a trial that used up its
+            # retries is ERROR (a killed or interrupted driver leaves its trials RUNNING).
+            tuner = tune.Tuner.restore(tune_experiment, trainable=trainable,
+                                       resume_unfinished=True, resume_errored=False,
+                                       param_space=param_space)
+        else:
+            import optuna
+
+            if settings.searcher == "tpe":
+                sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
+                    seed=settings.seed, n_startup_trials=settings.n_startup_trials)
+            else:
+                sampler = optuna.samplers.RandomSampler(seed=settings.seed)
+            # Optuna 5: constraints go through Trial.set_constraint (constraints_func is
+            # deprecated); infeasible candidates are then ranked below feasible ones by TPE.
+            searcher = OptunaSearch(space=functools.partial(space.define_by_run,
+                                                            set_constraints=True),
+                                    metric=metric, mode=mode, sampler=sampler)
+            scheduler = ASHAScheduler(time_attr="epochs_done", max_t=epochs,
+                                      grace_period=settings.asha.grace_period,
+                                      reduction_factor=settings.asha.reduction_factor,
+                                      brackets=settings.asha.brackets)
+            tracker = MLflowTrackingCallback(
+                tracking_uri=plan.tracking_uri, parent_run_id=parent_run_id,
+                state_path=mlflow_state, max_epochs=epochs, metric=metric, mode=mode)
+            progress = ProgressCallback(metric=metric, mode=mode, max_epochs=epochs)
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
+                    num_samples=settings.num_samples, max_concurrent_trials=concurrency,
+                    reuse_actors=True, trial_name_creator=_trial_name,
+                    trial_dirname_creator=_trial_name),
+                run_config=tune.RunConfig(
+                    name=plan.name, storage_path=tune_storage,
+                    callbacks=[tracker, progress], verbose=0,
+                    checkpoint_config=tune.CheckpointConfig(
+                        num_to_keep=plan.trial["keep_checkpoints"],
+                        checkpoint_score_attribute=metric, checkpoint_score_order=mode),
+                    failure_config=tune.FailureConfig(max_failures=plan.trial["max_failures"])))
+        logger.info("search %s: %d samples, up to %d at once, %d epochs each; experiment "
+                    "dir %s; MLflow %s (experiment %r, parent run %s)", plan.name,
+                    settings.num_samples,
+                    concurrency, epochs, plan.experiment_dir, plan.tracking_uri,
+                    plan.experiment_name, parent_run_id)
         with interrupted:
             grid = tuner.fit()
     except KeyboardInterrupt:  # a second Ctrl-C while Tune was saving its state
@@ -427,7 +428,8 @@ def _unfinished_trials(grid: Any, mlflow_state: Path, *, num_samples: int) -> li
         records = {}
     unfinished = []
     for result in grid:
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        trial_id = (result.metrics or {}).get("trial_id") \
+            or Path(result.path).name.removeprefix("trial_")
         status = (records.get(trial_id) or {}).get("status")
         if status not in STATUSES:
             unfinished.append(str(trial_id))

@@ -316,6 +316,167 @@ def close_orphaned_runs(
     return closed
 
 
+def pending_path_for(state_path: Path | str) -> Path:
+    """The journal of unsent MLflow operations next to a tracking state file."""
+    state_path = Path(state_path)
+    return state_path.with_name(state_path.name + ".pending.json")
+
+
+def read_pending(state_path: Path | str) -> list[dict[str, Any]]:
+    """Unsent operations journaled next to ``state_path`` (a torn last line is skipped)."""
+    path = pending_path_for(state_path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        logger.warning("Ignoring unreadable MLflow journal %s: %s", path, exc)
+        return []
+    if text.lstrip().startswith("["):  # the older format: one JSON list
+        try:
+            return [op for op in json.loads(text) if isinstance(op, dict)]
+        except ValueError as exc:
+            logger.warning("Ignoring unreadable MLflow journal %s: %s", path, exc)
+            return []
+    ops = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            op = json.loads(line)
+        except ValueError:
+            logger.warning("%s:%d: torn journal line skipped (the driver died while writing "
+                           "it)", path, number)
+            continue
+        if isinstance(op, dict) and "op" in op:
+            ops.append(op)
+    return ops
+
+
+def deliver_pending(*, tracking_uri: str, parent_run_id: str, state_path: Path | str,
+                    max_epochs: int = 1, timeout_s: float = 120.0) -> int:
+    """Send what earlier drivers left in the journal; returns how many operations are left."""
+    callback = MLflowTrackingCallback(tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                                      state_path=state_path, max_epochs=max_epochs,
+                                      flush_timeout_s=timeout_s)
+    callback._replay_pending()
+    try:
+        if not callback.flush(timeout_s=timeout_s):
+            callback._persist_pending()
+    finally:
+        callback.stop()
+    return callback.pending_count()
+
+
+def search_trial_ids(*, tracking_uri: str, parent_run_id: str) -> dict[str, list[str]]:
+    """tune trial id -> child run ids (oldest first) of a search's parent run."""
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    out: dict[str, list[str]] = {}
+    token: str | None = None
+    while True:
+        page = client.search_runs([experiment_id],
+                                  filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                  max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        for run in page:
+            out.setdefault(run.data.tags.get(TRIAL_ID_TAG, ""), []).append(run.info.run_id)
+        token = page.token
+        if not token:
+            return out
+
+
+def delete_unknown_trial_runs(*, tracking_uri: str, parent_run_id: str,
+                              trial_ids: Iterable[str]) -> int:
+    """Soft-delete child runs of trials the search does not have.
+
+    A driver killed between Tune's experiment snapshots can have started a trial that the
+    resumed search never knew (Tune restores its last snapshot, and the trial's candidate goes
+    back to Optuna): its MLflow run would be one child too many.
+    """
+    client = MlflowClient(tracking_uri)
+    known = set(trial_ids)
+    deleted = 0
+    for trial_id, run_ids in search_trial_ids(tracking_uri=tracking_uri,
+                                              parent_run_id=parent_run_id).items():
+        if trial_id in known:
+            continue
+        for run_id in run_ids:
+            client.set_tag(run_id, "orphaned", "trial lost with a killed driver")
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status="KILLED")
+            client.delete_run(run_id)
+            deleted += 1
+    if deleted:
+        logger.warning("Deleted %d MLflow child run(s) of trials that a killed driver started "
+                       "but the search does not have (soft delete: `mlflow gc` or restore)",
+                       deleted)
+    return deleted
+
+
+STATE_FILE_NAME = "mlflow_runs.json"  # in the experiment directory (runner.run_search)
+PARENT_PENDING_FILE = "mlflow_parent_pending.json"
+
+
+def pending_tracking_operations(experiment_dir: Path | str) -> int:
+    """How many MLflow operations of a search never reached the server (0: all arrived)."""
+    experiment_dir = Path(experiment_dir)
+    count = len(read_pending(experiment_dir / STATE_FILE_NAME))
+    return count + int((experiment_dir / PARENT_PENDING_FILE).exists())
+
+
+def finish_search_run(*, experiment_dir: Path | str, tracking_uri: str, parent_run_id: str,
+                      trial_ids: Iterable[str] | None, finish: dict[str, Any]) -> bool:
+    """End a finished search in MLflow: close orphaned children, drop runs of trials the
+    search does not have, log the summary and close the parent. If MLflow is unreachable the
+    arguments are saved (``PARENT_PENDING_FILE``) for the sync command; returns success."""
+    experiment_dir = Path(experiment_dir)
+    pending_file = experiment_dir / PARENT_PENDING_FILE
+    try:
+        if trial_ids is not None:
+            delete_unknown_trial_runs(tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                                      trial_ids=trial_ids)
+        close_orphaned_runs(tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                            keep_run_ids=())
+        finish_parent_run(
+            tracking_uri=tracking_uri, run_id=parent_run_id,
+            status_counts=finish["status_counts"], best_value=finish["best_value"],
+            leaderboard_csv=Path(finish["leaderboard_csv"]) if finish.get("leaderboard_csv")
+            else None,
+            best_config_yaml=Path(finish["best_config_yaml"]) if finish.get("best_config_yaml")
+            else None,
+            infeasible_reasons=finish.get("infeasible_reasons"),
+            metric=finish.get("metric", "val_accuracy"))
+    except Exception as exc:  # noqa: BLE001 - MLflow down or flaky: keep it for sync
+        logger.warning("Could not finish the MLflow parent run %s (%s: %s); saved to %s for "
+                       "`python experiments/sync_mlflow.py %s`", parent_run_id,
+                       type(exc).__name__, exc, pending_file, experiment_dir)
+        _atomic_write_json(pending_file, {"parent_run_id": parent_run_id,
+                                          "trial_ids": None if trial_ids is None
+                                          else list(trial_ids), "finish": finish})
+        return False
+    pending_file.unlink(missing_ok=True)
+    return True
+
+
+def sync_experiment(experiment_dir: Path | str, *, tracking_uri: str | None = None,
+                    timeout_s: float = 120.0) -> int:
+    """Deliver everything a search left unsent (journal, then the parent run's summary);
+    returns how many operations are still undelivered."""
+    experiment_dir = Path(experiment_dir)
+    state = json.loads((experiment_dir / "search_state.json").read_text())
+    uri = tracking_uri or state["tracking_uri"]
+    parent_run_id = state["parent_run_id"]
+    left = deliver_pending(tracking_uri=uri, parent_run_id=parent_run_id,
+                           state_path=experiment_dir / STATE_FILE_NAME, timeout_s=timeout_s)
+    saved = _read_json(experiment_dir / PARENT_PENDING_FILE)
+    if left == 0 and isinstance(saved, dict):
+        finish_search_run(experiment_dir=experiment_dir, tracking_uri=uri,
+                          parent_run_id=saved.get("parent_run_id", parent_run_id),
+                          trial_ids=saved.get("trial_ids"), finish=saved["finish"])
+    return pending_tracking_operations(experiment_dir)
+
+
 # --------------------------------------------------------------------------- callback
 
 
@@ -372,11 +533,13 @@ class MLflowTrackingCallback(Callback):
         # MLflow since this driver started (a resume must re-verify, so never persisted).
         self._opened: set[str] = set()
         self._checked: set[str] = set()
+        self._seq = 0  # numbers journal lines; ops are applied in this order
+
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         for key in ("_lock", "_cond", "_ops", "_busy", "_stop", "_thread", "_client",
-                    "_last_result", "_outage_since", "_opened", "_checked"):
+                    "_last_result", "_outage_since", "_opened", "_checked", "_seq"):
             state.pop(key, None)
         state["_records"] = {}  # the state file is the source of truth, and newer
         return state
@@ -388,7 +551,15 @@ class MLflowTrackingCallback(Callback):
 
     @property
     def _pending_path(self) -> Path:
-        return self.state_path.with_name(self.state_path.name + ".pending.json")
+        """The journal of unsent operations (JSON lines; an older driver wrote a JSON list).
+
+        Every operation is appended here before it is queued and the file is removed whenever
+        the queue drains, so a driver killed with SIGKILL loses nothing: the next driver (a
+        resume) or ``deliver_pending`` (the sync command) sends what is left. Replaying is
+        safe: runs are found by tag before one is created, steps already in MLflow are skipped
+        and closing a run twice is harmless.
+        """
+        return pending_path_for(self.state_path)
 
     # ---- state file
 
@@ -409,13 +580,49 @@ class MLflowTrackingCallback(Callback):
 
     def _replay_pending(self) -> None:
         """Queue what an earlier driver could not send (only when this one really runs)."""
-        pending = _read_json(self._pending_path) or []
-        if pending:
-            logger.info("Replaying %d MLflow operation(s) left by a previous driver", len(pending))
-            with self._cond:
-                self._ops.extendleft(reversed(pending))
+        pending = read_pending(self.state_path)
+        with self._cond:
+            if pending:
+                logger.info("Replaying %d MLflow operation(s) left by a previous driver",
+                            len(pending))
+                queued = list(self._ops)
+                self._ops.clear()
+                self._ops.extend(pending)
+                self._ops.extend(queued)
+                self._seq = 0
+                for op in self._ops:
+                    self._seq += 1
+                    op["seq"] = self._seq
+                self._rewrite_journal()
                 self._cond.notify_all()
-        self._pending_path.unlink(missing_ok=True)
+            elif not self._ops:
+                self._pending_path.unlink(missing_ok=True)
+
+    def _rewrite_journal(self) -> None:
+        """Replace the journal with the queue as it is (caller holds the lock)."""
+        ops = list(self._ops)
+        if not ops:
+            self._pending_path.unlink(missing_ok=True)
+            return
+        path = self._pending_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            for op in ops:
+                fh.write(json.dumps(op, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def _journal(self, op: dict[str, Any]) -> None:
+        """Append one operation to the journal (caller holds the lock)."""
+        try:
+            self._pending_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._pending_path, "a") as fh:
+                fh.write(json.dumps(op, default=str) + "\n")
+        except OSError as exc:
+            logger.warning("Could not journal an MLflow operation to %s: %s",
+                           self._pending_path, exc)
 
     def _save_state(self) -> None:
         with self._lock:
@@ -511,6 +718,27 @@ class MLflowTrackingCallback(Callback):
         self._close_trial(trial, "failed", "FAILED", self._last_of(trial))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # Tune also ends the experiment on Ctrl-C: trials still open were interrupted. Close
+        # their runs as KILLED (a resume reopens them) so that none is left RUNNING.
+        with self._lock:
+            open_ids = [t for t in self._opened
+                        if self._records.get(t, {}).get("status") == "running"]
+        by_id = {t.trial_id: t for t in trials}
+        for trial_id in open_ids:
+            with self._lock:
+                self._records[trial_id]["status"] = "interrupted"
+            self._save_state()
+            trial = by_id.get(trial_id)
+            last = self._last_of(trial) if trial is not None else {}
+            self._enqueue({
+                "op": "close", "trial_id": trial_id, "status": "interrupted",
+                "run_status": "KILLED", "best": None, "timestamp": _now_ms(),
+                "tags": {"status": "interrupted",
+                         "epochs_done": str(int(last.get("epochs_done") or 0))},
+            })
+        if open_ids:
+            logger.warning("Search interrupted with %d trial(s) unfinished; their MLflow runs "
+                           "are closed as KILLED until the search is resumed", len(open_ids))
         if not self.flush(timeout_s=self.flush_timeout_s):
             self._persist_pending()
         self.stop()
@@ -641,6 +869,9 @@ class MLflowTrackingCallback(Callback):
 
     def _enqueue(self, op: dict[str, Any]) -> None:
         with self._cond:
+            self._seq += 1
+            op["seq"] = self._seq
+            self._journal(op)
             self._ops.append(op)
             self._cond.notify_all()
         self._ensure_thread()
@@ -658,17 +889,23 @@ class MLflowTrackingCallback(Callback):
     def _persist_pending(self) -> None:
         """Keep unsent operations on disk; the next driver (a resume) replays them."""
         with self._lock:
-            pending = list(self._ops)
+            pending = len(self._ops)
+            if pending:
+                try:
+                    self._rewrite_journal()  # compact: drop what was sent meanwhile
+                except OSError as exc:
+                    logger.warning("Could not save unsent MLflow operations: %s", exc)
+                    return
         if pending:
-            try:
-                _atomic_write_json(self._pending_path, pending)
-                logger.warning(
-                    "Saved %d unsent MLflow operation(s) to %s; a resume will send them",
-                    len(pending),
-                    self._pending_path,
-                )
-            except OSError as exc:
-                logger.warning("Could not save unsent MLflow operations: %s", exc)
+            logger.warning(
+                "Saved %d unsent MLflow operation(s) to %s; a resume or "
+                "`python experiments/sync_mlflow.py` will send them", pending,
+                self._pending_path)
+
+    def pending_count(self) -> int:
+        """Operations not yet delivered (queued or being sent)."""
+        with self._lock:
+            return len(self._ops)
 
     # ---- internals (background thread)
 
@@ -713,6 +950,11 @@ class MLflowTrackingCallback(Callback):
             with self._cond:
                 if done and self._ops and self._ops[0] is op:
                     self._ops.popleft()
+                    if not self._ops:  # everything delivered: the journal is obsolete
+                        try:
+                            self._pending_path.unlink(missing_ok=True)
+                        except OSError:
+                            pass
                 self._busy = False
                 self._cond.notify_all()
                 if not done:

@@ -23,7 +23,9 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -38,11 +40,18 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from coatnet.search.checkpoints import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    load_latest,
+    newest_first,
+    save_state,
+)
 from coatnet.search.data import DatasetInfo, load_datasets
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
+_KEEP_LOCAL = 2  # local epoch_* checkpoints kept, so a damaged latest one has a predecessor
 DIVERGED_LOSS = 1e6
 _NAN_CHECK_EVERY = 16  # steps between (synchronising) non-finite loss checks
 
@@ -94,9 +103,8 @@ class _TrainReporter(_Reporter):
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
-            with checkpoint.as_directory() as directory:
-                return _load_state(directory)
-        return _load_state(self._runtime.get("resume_from"))
+            return _load_checkpoint_with_fallback(checkpoint)
+        return _load_resume_from(self._runtime.get("resume_from"), roots=None)
 
     def report(self, metrics: dict[str, Any], *, state: dict[str, Any] | None,
                epoch: int) -> None:
@@ -143,14 +151,15 @@ class _TuneReporter(_Reporter):
 
     def resume_state(self) -> dict[str, Any] | None:
         if self._runtime.get("resume_from"):
-            return _load_state(self._runtime["resume_from"])
+            # run_trial's own retry: only its private local checkpoint dir may be read
+            roots = [self._local_dir] if self._local_dir else None
+            return _load_resume_from(self._runtime["resume_from"], roots=roots)
         import ray.tune
 
         checkpoint = ray.tune.get_checkpoint()
         if checkpoint is None:
             return None
-        with checkpoint.as_directory() as directory:
-            return _load_state(directory)
+        return _load_checkpoint_with_fallback(checkpoint)
 
     def report(self, metrics: dict[str, Any], *, state: dict[str, Any] | None,
                epoch: int) -> None:
@@ -189,9 +198,8 @@ def _checkpoint_directory(local_dir: str | None, epoch: int,
     directory = os.path.join(local_dir, f"epoch_{epoch:04d}")
     _save_state(state, directory)
     yield directory
-    for old in Path(local_dir).glob("epoch_*"):
-        if old.name != f"epoch_{epoch:04d}":
-            shutil.rmtree(old, ignore_errors=True)
+    for old in newest_first(Path(local_dir).glob("epoch_*"))[_KEEP_LOCAL:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _stamp() -> str:
@@ -200,30 +208,91 @@ def _stamp() -> str:
 
 # ---------------------------------------------------------------------------------- checkpoints
 def _save_state(state: dict[str, Any], directory: str | os.PathLike[str]) -> None:
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, CHECKPOINT_FILE)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_state(state, directory)  # temp file, fsync, rename, then the sha256
 
 
 def _load_state(directory: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """One checkpoint directory, or None (with a warning) when it is missing or damaged."""
     if not directory:
         return None
-    path = Path(directory) / CHECKPOINT_FILE
-    if not path.is_file():
-        logger.warning("no %s in checkpoint directory %s; starting fresh", CHECKPOINT_FILE,
-                       directory)
+    loaded = load_latest([Path(directory)])
+    return None if loaded is None else loaded[0]
+
+
+def _older_siblings(directory: Path) -> list[Path]:
+    """``directory`` then the older checkpoints next to it (same trial), newest first."""
+    parent = directory.parent
+    if not parent.is_dir():
+        return [directory]
+    pattern = re.compile(r"^(epoch|checkpoint)_\d")
+    ordered = newest_first(p for p in parent.iterdir()
+                           if p.is_dir() and pattern.match(p.name))
+    if directory not in ordered:
+        return [directory]
+    return ordered[ordered.index(directory):]
+
+
+def _load_resume_from(resume_from: str | None, *,
+                      roots: list[str] | None) -> dict[str, Any] | None:
+    """``runtime.resume_from``: a checkpoint dir (older siblings are the fallbacks) or a dir of
+    ``epoch_*`` checkpoints."""
+    if not resume_from:
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    base = Path(resume_from)
+    if (base / CHECKPOINT_FILE).exists() or re.match(r"^(epoch|checkpoint)_\d", base.name):
+        candidates = _older_siblings(base)
+    else:
+        candidates = newest_first(base.glob("epoch_*"))
+    loaded = load_latest(candidates, allowed_roots=roots)
+    if loaded is None:
+        return None
+    state, used = loaded
+    logger.info("resuming from checkpoint %s (epoch %s)", used, state.get("epoch"))
+    return state
+
+
+def _load_checkpoint_with_fallback(checkpoint: Any) -> dict[str, Any] | None:
+    """A Ray checkpoint: on a local file system try it and then its older siblings (only
+    inside the Tune experiment directory); elsewhere download the latest one only."""
+    import pyarrow.fs
+
+    filesystem = getattr(checkpoint, "filesystem", None)
+    if filesystem is None or isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        path = Path(checkpoint.path)
+        roots = _experiment_roots() or [str(path.parent.parent)]
+        loaded = load_latest(_older_siblings(path), allowed_roots=roots)
+        if loaded is None:
+            return None
+        if loaded[1] != path:
+            logger.warning("resumed from the older checkpoint %s instead of %s", loaded[1],
+                           path)
+        return loaded[0]
+    with checkpoint.as_directory() as directory:
+        loaded = load_latest([Path(directory)])
+    return None if loaded is None else loaded[0]
+
+
+def _experiment_roots() -> list[str]:
+    """The Tune/Train experiment directory of this session (local storage), if known."""
+    try:
+        from ray.train._internal.session import get_session
+
+        return [get_session().storage.experiment_fs_path]
+    except Exception:  # no session (unit tests) or an API change: skip the containment check
+        return []
 
 
 def load_checkpoint_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a trial checkpoint (model/optimizer/scheduler state, epoch, model_config)."""
-    state = _load_state(directory)
-    if state is None:
+    """Read a trial checkpoint (model/optimizer/scheduler state, epoch, model_config).
+
+    Raises ``FileNotFoundError`` when there is none, ``CheckpointError`` when it is damaged and
+    ``UnsafeCheckpointError`` when its pickle asks for more than tensors (never unpickled).
+    """
+    from coatnet.search.checkpoints import load_state
+
+    if not (Path(directory) / CHECKPOINT_FILE).is_file():
         raise FileNotFoundError(f"{directory}: no {CHECKPOINT_FILE}")
-    return state
+    return load_state(directory)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -290,7 +359,8 @@ def _all_reduce_(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
     return tensor
 
 
-def _maybe_inject_raise(fault: Mapping[str, Any], *, epoch: int, rank: int) -> None:
+def _maybe_inject_raise(fault: Mapping[str, Any], *, epoch: int, rank: int,
+                        local_dir: str | None = None) -> None:
     """Test-only: raise once at ``raise_at_epoch``; the marker file records that it fired."""
     at = fault.get("raise_at_epoch")
     if at is None or epoch != int(at) or rank != 0:
@@ -302,7 +372,31 @@ def _maybe_inject_raise(fault: Mapping[str, Any], *, epoch: int, rank: int) -> N
         return
     Path(marker).parent.mkdir(parents=True, exist_ok=True)
     Path(marker).write_text(f"fired at epoch {epoch}\n")
+    if fault.get("truncate_latest_checkpoint") and local_dir:
+        newest = newest_first(Path(local_dir).glob("epoch_*"))
+        if newest:  # a torn write: the latest checkpoint loses its second half
+            path = newest[0] / CHECKPOINT_FILE
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
     raise RuntimeError(f"injected fault at epoch {epoch}")
+
+
+def _maybe_inject_kill(fault: Mapping[str, Any], *, epoch: int, rank: int) -> None:
+    """Test-only: SIGKILL this process once at ``kill_at_epoch`` (an OOM kill, a lost worker);
+    ``kill_marker`` records that it fired."""
+    at = fault.get("kill_at_epoch")
+    if at is None or epoch != int(at) or rank != 0:
+        return
+    marker = fault.get("kill_marker")
+    if not marker:
+        raise ValueError("fault.kill_at_epoch needs fault.kill_marker (a file path)")
+    try:  # O_EXCL: of several trials reaching the epoch at once, exactly one dies
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"killed pid {os.getpid()} at epoch {epoch}\n".encode())
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------- the loop
@@ -370,6 +464,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch = int(state["epoch"])
         logger.info("resumed from the checkpoint of epoch %d", start_epoch)
     resumed_from = start_epoch
+    if state is not None and start_epoch >= epochs:
+        # The trial had finished, but the driver died before Tune saved that: report the final
+        # result again (no training), so Tune, ASHA and Optuna see how it ended.
+        final = dict(state.get("metrics") or {})
+        final.update(resumed_from_epoch=resumed_from, epochs_done=start_epoch)
+        logger.info("checkpoint of epoch %d is the last one: re-reporting, not retraining",
+                    start_epoch)
+        reporter.report(final, state=None, epoch=start_epoch)
+        return
 
     static = {"params": params, "node_id": _node_id(), "device": str(device),
               "world_size": world_size, "resumed_from_epoch": resumed_from,
@@ -379,7 +482,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     nan_from = fault.get("nan_loss_at_epoch")
 
     for epoch in range(start_epoch + 1, epochs + 1):
-        _maybe_inject_raise(fault, epoch=epoch, rank=rank)
+        _maybe_inject_raise(fault, epoch=epoch, rank=rank,
+                            local_dir=runtime.get("local_checkpoint_dir"))
+        _maybe_inject_kill(fault, epoch=epoch, rank=rank)
+        always = fault.get("raise_always_if_lr")  # test-only: a trial that fails for good
+        if always is not None and float(hp["lr"]) == float(always):
+            raise RuntimeError(f"injected permanent fault (lr={hp['lr']}) at epoch {epoch}")
+        if fault.get("sleep_per_epoch_s"):  # test-only: widen the window for interrupts
+            time.sleep(float(fault["sleep_per_epoch_s"]))
         torch.manual_seed(seed * 1009 + epoch * 31 + rank)  # resume-stable randomness
         loader_gen.manual_seed(seed * 1009 + epoch)
         sampler = getattr(train_loader, "sampler", None)
@@ -480,4 +590,5 @@ def _evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, *,
     return totals[0].item() / count, totals[1].item() / count
 
 
-__all__ = ["CHECKPOINT_FILE", "DIVERGED_LOSS", "load_checkpoint_state", "train_loop_per_worker"]
+__all__ = ["CHECKPOINT_FILE", "DIVERGED_LOSS", "CheckpointError", "load_checkpoint_state",
+           "train_loop_per_worker"]

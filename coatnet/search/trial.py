@@ -25,7 +25,6 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -158,7 +157,8 @@ def _run_in_process(loop_config: dict[str, Any]) -> None:
     trial = loop_config["trial"]
     max_failures = int(trial["max_failures"])
     trial_id = _trial_id()
-    local_dir = Path(tempfile.gettempdir()) / f"coatnet-inproc-{trial_id}-{uuid.uuid4().hex[:8]}"
+    # private (0700, unguessable): run_trial only ever resumes from checkpoints it wrote here
+    local_dir = Path(tempfile.mkdtemp(prefix=f"coatnet-inproc-{trial_id}-"))
     resume_from = None
     failures = 0
     try:
@@ -177,10 +177,13 @@ def _run_in_process(loop_config: dict[str, Any]) -> None:
                 failures += 1
                 if 0 <= max_failures < failures:
                     raise
-                latest = sorted(local_dir.glob("epoch_*"))
-                resume_from = str(latest[-1]) if latest else resume_from
-                logger.warning("trial %s attempt %d failed (%s); retrying from %s", trial_id,
-                               failures, exc, resume_from or "scratch")
+                # the newest local epoch_* (an older one if it is damaged); none yet: Tune's
+                # checkpoint of a restored trial, else scratch
+                if any(local_dir.glob("epoch_*")):
+                    resume_from = str(local_dir)
+                logger.warning("trial %s attempt %d of %d failed (%s: %s); retrying from %s",
+                               trial_id, failures, max_failures + 1, type(exc).__name__, exc,
+                               resume_from or "Tune's checkpoint or scratch")
     finally:
         shutil.rmtree(local_dir, ignore_errors=True)
 
