@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from coatnet.linear import TokenLinear
+
 
 def relative_position_index(height: int, width: int, *,
                             device: torch.device | None = None) -> torch.Tensor:
@@ -54,8 +56,8 @@ class CoAtNetRelativeAttention(nn.Module):
         self.heads = heads
         self.head_dim = out_dim // heads
         self.attention_dropout = attention_dropout
-        self.qkv = nn.Linear(in_dim, 3 * out_dim)
-        self.proj = nn.Linear(out_dim, out_dim)
+        self.qkv = TokenLinear(in_dim, 3 * out_dim)
+        self.proj = TokenLinear(out_dim, out_dim)
         self.proj_drop = nn.Dropout(ff_dropout)
         self.height, self.width = height, width
         self.relative_bias_table = nn.Parameter(

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from coatnet.attention import CoAtNetRelativeAttention
+from coatnet.linear import TokenLinear
 
 # torchvision.ops has both of these, but importing torchvision costs every Ray Train worker
 # 1.5-3 s (measured with `python -X importtime`); they are a few lines each.
@@ -123,8 +124,8 @@ class CoAtNetConvBlock(nn.Module):
 
 class _FeedForward(nn.Sequential):
     def __init__(self, dim: int, *, expand_scale: int, dropout: float) -> None:
-        super().__init__(nn.Linear(dim, dim * expand_scale), nn.GELU(), nn.Dropout(dropout),
-                         nn.Linear(dim * expand_scale, dim), nn.Dropout(dropout))
+        super().__init__(TokenLinear(dim, dim * expand_scale), nn.GELU(), nn.Dropout(dropout),
+                         TokenLinear(dim * expand_scale, dim), nn.Dropout(dropout))
 
 
 class CoAtNetTransformerBlock(nn.Module):

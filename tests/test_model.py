@@ -361,3 +361,21 @@ def test_model_and_train_loop_do_not_import_torchvision() -> None:
     code = ("import sys, coatnet, coatnet.search.train_loop; "
             "assert 'torchvision' not in sys.modules, 'torchvision imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_token_linear_matches_linear_with_gradients() -> None:
+    from coatnet.linear import TokenLinear
+
+    torch.manual_seed(0)
+    fast = TokenLinear(24, 40)
+    plain = nn.Linear(24, 40)
+    plain.load_state_dict(fast.state_dict())  # same parameters, same state-dict keys
+    x = torch.randn(3, 17, 24, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    assert torch.allclose(fast(x), plain(x2), atol=1e-5)
+    fast(x).square().sum().backward()
+    plain(x2).square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-4)
+    assert torch.allclose(fast.weight.grad, plain.weight.grad, atol=1e-4)
+    assert torch.allclose(fast.bias.grad, plain.bias.grad, atol=1e-4)
+    assert fast(torch.randn(5, 24)).shape == (5, 40)  # other shapes take F.linear

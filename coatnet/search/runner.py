@@ -260,6 +260,9 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     plan = plan_search(options)
     space, settings = plan.space, plan.space.search
     check_tracking_server(plan.tracking_uri)
+    # Tiny CPU trials checkpoint every second; Tune then warns on each forced state snapshot,
+    # which the resume guarantees need. Keep the log readable (a user value still wins).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     _init_ray(options.address)
     from coatnet.search import cluster
 
