@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
 
+    # The search is complete and saved: a Ctrl-C from here on (printing, Ray's shutdown at exit)
+    # has nothing left to stop and must not turn a finished search into a failure.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from coatnet.search.results import format_leaderboard
 
     print()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coatnet.search.checkpoints import atomic_write_bytes
 from coatnet.search.space import SearchSpace, load_space
 
 logger = logging.getLogger("coatnet.search")
@@ -235,9 +236,7 @@ def _write_state(plan: _Plan, parent_run_id: str) -> None:
         "experiment_name": plan.experiment_name,
         "created": state.get("created") or datetime.datetime.now().isoformat(),
     })
-    tmp = plan.experiment_dir / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, plan.experiment_dir / STATE_FILE)
+    atomic_write_bytes(plan.experiment_dir / STATE_FILE, json.dumps(state, indent=2).encode())
 
 
 def _trial_name(trial: Any) -> str:

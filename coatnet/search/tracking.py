@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -33,6 +32,7 @@ from mlflow.utils.validation import (
 )
 from ray.tune import Callback
 
+from coatnet.search.checkpoints import atomic_write_bytes
 from coatnet.search.results import STATUSES, trial_status
 
 logger = logging.getLogger(__name__)
@@ -165,16 +165,8 @@ def _now_ms() -> int:
 def _atomic_write_json(path: Path, data: Any) -> None:
     """Write via a temp file + rename so a killed driver never leaves a torn state file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, default=str, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(data, default=str, indent=1, sort_keys=True)
+    atomic_write_bytes(path, text.encode())
 
 
 def _read_json(path: Path) -> Any:
@@ -604,15 +596,9 @@ class MLflowTrackingCallback(Callback):
         if not ops:
             self._pending_path.unlink(missing_ok=True)
             return
-        path = self._pending_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            for op in ops:
-                fh.write(json.dumps(op, default=str) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        self._pending_path.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(op, default=str) + "\n" for op in ops)
+        atomic_write_bytes(self._pending_path, text.encode())
 
     def _journal(self, op: dict[str, Any]) -> None:
         """Append one operation to the journal (caller holds the lock)."""
