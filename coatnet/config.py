@@ -115,18 +115,15 @@ class CoAtNetConfig:
         return text
 
     @classmethod
-    def from_yaml(cls, path_or_text: str | Path) -> CoAtNetConfig:
-        """Load a config from a YAML file (e.g. a search's ``best_config.yaml``) or YAML text."""
+    def from_yaml(cls, path: str | Path) -> CoAtNetConfig:
+        """Load a config from a YAML file, e.g. a search's ``best_config.yaml``."""
         import yaml
 
-        path = Path(path_or_text)
-        text = path.read_text() if path.suffix in (".yaml", ".yml") or path.exists() \
-            else str(path_or_text)
-        data = yaml.safe_load(text)
-        if isinstance(data, Mapping) and "model" in data and isinstance(data["model"], Mapping):
+        data = yaml.safe_load(Path(path).read_text())
+        if isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
             data = data["model"]  # best_config.yaml keeps the model under `model:`
         if not isinstance(data, Mapping):
-            raise ValueError(f"{path_or_text}: expected a mapping of CoAtNetConfig fields")
+            raise ValueError(f"{path}: expected a mapping of CoAtNetConfig fields")
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> CoAtNetConfig:

@@ -191,3 +191,15 @@ def test_unreachable_mlflow_fails_fast(tmp_path) -> None:
     assert uri in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
 
+
+
+@pytest.mark.parametrize("flag, field", [("--num-samples", "num_samples"),
+                                         ("--max-concurrent-trials", "max_concurrent_trials")])
+def test_bad_count_overrides_name_the_flag(tmp_path, flag: str, field: str) -> None:
+    from coatnet.search.runner import SearchInputError, plan_search
+
+    space = write_space(tmp_path, num_samples=2)
+    with pytest.raises(SearchInputError, match=f"{flag}=0: must be a positive integer"):
+        plan_search(SearchOptions(space=space, storage_path=str(tmp_path / "runs"),
+                                  **{field: 0}))
+    assert not (tmp_path / "runs").exists()

@@ -22,6 +22,7 @@ Datasets
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -34,6 +35,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Subset
+
+from coatnet.search.checkpoints import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -249,19 +252,12 @@ def _file_cache_load(path: Path) -> dict[str, Any] | None:
 
 
 def _file_cache_store(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic write (temp file + fsync + rename) so concurrent trials never see half a file."""
+    """Atomic write so concurrent trials never see half a file."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(payload, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_bytes(path, buffer.getvalue())
     except OSError as exc:  # a read-only or full disk only costs speed
         logger.warning("could not write dataset cache %s: %s", path, exc)
 

@@ -137,16 +137,16 @@ def plan_search(options: SearchOptions) -> _Plan:
     """Validate the space and the options and decide names and paths; creates nothing."""
     from coatnet.search.tracking import resolve_tracking_uri
 
+    for flag, value in (("--num-samples", options.num_samples),
+                        ("--max-concurrent-trials", options.max_concurrent_trials)):
+        if value is not None and value < 1:
+            raise SearchInputError(f"{flag}={value}: must be a positive integer")
     space = load_space(options.space)  # SpaceError lists every problem in the file
     if options.smoke_test:
         space = space.smoke_test()
     space = space.with_overrides(num_samples=options.num_samples,
                                  max_concurrent_trials=options.max_concurrent_trials,
                                  seed=options.seed)
-    for flag, value in (("--num-samples", options.num_samples),
-                        ("--max-concurrent-trials", options.max_concurrent_trials)):
-        if value is not None and value < 1:
-            raise SearchInputError(f"{flag}={value}: must be a positive integer")
     if options.name is not None and not _NAME_PATTERN.match(options.name):
         raise SearchInputError(f"--name={options.name!r}: use letters, digits, '.', '_' and "
                                "'-' (at most 128 characters, no '/')")
@@ -154,7 +154,7 @@ def plan_search(options: SearchOptions) -> _Plan:
     if root.exists() and not root.is_dir():
         raise SearchInputError(f"--storage-path {root}: exists and is not a directory")
     if options.data_dir is not None and not Path(options.data_dir).expanduser().is_dir() \
-            and not space.data.model_dump().get("download"):
+            and not space.data.download:
         raise SearchInputError(f"--data-dir {options.data_dir}: no such directory (set "
                                "data.download: true in the space to fetch the dataset)")
     if options.name:

@@ -268,6 +268,7 @@ def _run_worker_group(loop_config: dict[str, Any]) -> None:
     thread.start()
     controller = None
     finished = False
+    last_epoch = 0
     try:
         while True:
             try:
@@ -279,6 +280,7 @@ def _run_worker_group(loop_config: dict[str, Any]) -> None:
             if item == _DONE:
                 break
             controller = item["controller"]
+            last_epoch = int(item["metrics"].get("epochs_done") or 0)
             checkpoint = item["checkpoint"]
             if checkpoint is not None:
                 ray.tune.report(item["metrics"], checkpoint=ray.tune.Checkpoint(
@@ -293,7 +295,10 @@ def _run_worker_group(loop_config: dict[str, Any]) -> None:
             # Wait for the abort: it removes the workers' placement group. If the controller
             # merely died, Ray 2.60 leaves that group to a detached PlacementGroupCleaner that
             # polls the State API, which needs the dashboard; without it the CPUs leak.
-            logger.warning("trial %s stopped by Tune; aborting its Train run", trial_id)
+            # Tune also ends a trial at its last epoch (ASHA's max_t): that is no early stop.
+            log = logger.info if last_epoch >= int(trial["epochs"]) else logger.warning
+            log("trial %s stopped by Tune after epoch %d; ending its Train run", trial_id,
+                last_epoch)
             try:
                 ray.get(controller.abort.remote(), timeout=_ABORT_TIMEOUT_S)
             except Exception:  # abort ends the controller actor: an actor error is success
