@@ -136,7 +136,8 @@ EOF
         rc=$NOT_RUN
     else
         timeout -k 10 "$limit" "$PYTHON" benchmarks/peer_benchmark.py --device "$device" \
-            --cases "$PEER_CASES" --seconds "$PEER_SECONDS" --rounds 1 --out "$PEER_OUT" || rc=$?
+            --cases "$PEER_CASES" --seconds "$PEER_SECONDS" --rounds 1 --setups channels_last \
+            --out "$PEER_OUT" || rc=$?
     fi
     if [[ $rc == 0 && -s $PEER_OUT ]]; then record peer PASS "$(( SECONDS - t0 ))s -> $(basename "$PEER_OUT")"
     elif [[ $rc == 124 || $rc == 137 ]]; then record peer FAIL "timed out after ${limit}s"

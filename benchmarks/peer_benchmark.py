@@ -3,7 +3,13 @@
     python benchmarks/peer_benchmark.py [--device cpu|cuda] [--out benchmarks/results/peer_cpu.md]
 
 Both models are built at the same input size and timed in the same process, interleaved, so
-the ratios hold on a noisy machine. MFU = 3 x 2 x forward MACs per image x images/s, over the
+the ratios hold on a noisy machine, with every thread torch uses. Two setups:
+- ``built``: each model exactly as its library builds it, fed NCHW batches (what a DataLoader
+  yields). Ours runs channels-last internally; timm's stays NCHW unless asked.
+- ``channels_last``: timm's model and input also converted to channels-last (timm's
+  ``--channels-last`` training flag), i.e. the peer at its best layout.
+Both use the same fused AdamW, and the same process-wide malloc setting
+(``coatnet.cpu_memory.keep_freed_memory``, which steadies CPU step times for both). MFU = 3 x 2 x forward MACs per image x images/s, over the
 matmul rate measured in the same run (fp32 on CPU, bf16 on GPU).
 """
 
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -20,15 +27,22 @@ from torch.utils.benchmark import Timer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from coatnet import CoAtNet, CoAtNetWithLinearClassifier  # noqa: E402
+from coatnet.cpu_memory import keep_freed_memory  # noqa: E402
 
 
-def build_models(side: int, device: torch.device) -> dict[str, torch.nn.Module]:
+OURS, THEIRS = "coatnet (ours)", "timm coatnet_0_224"
+SETUPS = ("built", "channels_last")
+
+
+def build_models(side: int, device: torch.device, setup: str) -> dict[str, torch.nn.Module]:
     import timm
 
     ours = CoAtNetWithLinearClassifier(CoAtNet.CoAtNet_0(image_height=side, image_width=side))
     theirs = timm.create_model("coatnet_0_224", img_size=side, pretrained=False)
-    models = {"coatnet (ours)": ours, "timm coatnet_0_224": theirs}
-    return {name: m.to(device).to(memory_format=torch.channels_last) for name, m in models.items()}
+    models = {OURS: ours.to(device), THEIRS: theirs.to(device)}
+    if setup == "channels_last":
+        models = {n: m.to(memory_format=torch.channels_last) for n, m in models.items()}
+    return models
 
 
 def forward_macs(model: torch.nn.Module, side: int, device: torch.device) -> int:
@@ -45,7 +59,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float) -> flo
     n = 2048 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    timer = Timer("a @ b", globals={"a": a, "b": b})
+    timer = Timer("a @ b", globals={"a": a, "b": b}, num_threads=torch.get_num_threads())
     return 2 * n**3 / timer.blocked_autorange(min_run_time=seconds).median
 
 
@@ -55,13 +69,16 @@ def conv1x1_rate(device: torch.device, dtype: torch.dtype, seconds: float) -> fl
     x = torch.randn(32, 1024, 16, 16, device=device, dtype=dtype).to(
         memory_format=torch.channels_last)
     w = torch.randn(1024, 1024, 1, 1, device=device, dtype=dtype)
-    timer = Timer("torch.nn.functional.conv2d(x, w)", globals={"x": x, "w": w, "torch": torch})
+    timer = Timer("torch.nn.functional.conv2d(x, w)", globals={"x": x, "w": w, "torch": torch},
+                  num_threads=torch.get_num_threads())
     return 2 * 32 * 16 * 16 * 1024 * 1024 / timer.blocked_autorange(min_run_time=seconds).median
 
 
 def time_steps(model: torch.nn.Module, batch: int, side: int, device: torch.device, *,
-               train: bool, amp: bool, seconds: float) -> float:
-    x = torch.randn(batch, 3, side, side, device=device).to(memory_format=torch.channels_last)
+               setup: str, train: bool, amp: bool, seconds: float) -> float:
+    x = torch.randn(batch, 3, side, side, device=device)
+    if setup == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
     # The fused AdamW kernel (CPU and CUDA) keeps the optimizer's per-parameter overhead, which
     # both models share, from diluting the ratio.
@@ -84,7 +101,9 @@ def time_steps(model: torch.nn.Module, batch: int, side: int, device: torch.devi
     for _ in range(2):
         step()
     sync = "torch.cuda.synchronize()" if device.type == "cuda" else "pass"
-    timer = Timer(f"step(); {sync}", globals={"step": step, "torch": torch})
+    # torch.utils.benchmark.Timer runs on one thread unless told otherwise.
+    timer = Timer(f"step(); {sync}", globals={"step": step, "torch": torch},
+                  num_threads=torch.get_num_threads())
     return batch / timer.blocked_autorange(min_run_time=seconds).median
 
 
@@ -95,9 +114,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="timing per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     parser.add_argument("--cases", default="224:8,64:16", help="side:batch,...")
+    parser.add_argument("--setups", default=",".join(SETUPS),
+                        help=f"comma-separated, from {', '.join(SETUPS)}")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    setups = args.setups.split(",")
+    if unknown := sorted(set(setups) - set(SETUPS)):
+        parser.error(f"--setups: unknown {unknown}; allowed: {', '.join(SETUPS)}")
     device = torch.device(args.device)
+    kept = keep_freed_memory()
     amp = device.type == "cuda"
     dtype = torch.bfloat16 if amp else torch.float32
     if device.type == "cuda":
@@ -110,35 +135,44 @@ def main() -> None:
              f"Command: `python {' '.join(sys.argv)}`  ",
              f"Machine: {platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}"
-             + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "") + "  ",
+             + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
+             + f"; keep_freed_memory(): {kept}  ",
              f"Measured {str(dtype).removeprefix('torch.')} matmul rate: {peak / 1e12:.3f} TFLOP/s "
              f"(MFU's denominator); 1x1-conv rate: {conv_peak / 1e12:.3f} TFLOP/s "
              "(MFU vs conv in brackets)",
-             "", "| size | batch | model | GMACs | train img/s | infer img/s | train MFU | "
-             "train ratio ours/timm | infer ratio ours/timm |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "| size | batch | setup | train img/s ours / timm | train ratio | "
+             "infer img/s ours / timm | infer ratio | GMACs ours / timm | "
+             "train MFU ours / timm |", "|---|---|---|---|---|---|---|---|---|"]
     for case in args.cases.split(","):
         side, batch = (int(v) for v in case.split(":"))
-        models = build_models(side, device)
-        macs = {name: forward_macs(model, side, device) for name, model in models.items()}
-        results: dict[str, dict[str, list[float]]] = {n: {"train": [], "infer": []}
-                                                      for n in models}
-        for _ in range(args.rounds):
-            for name, model in models.items():
-                for mode in ("train", "infer"):
-                    results[name][mode].append(time_steps(
-                        model, batch, side, device, train=mode == "train", amp=amp,
-                        seconds=args.seconds))
-        med = {n: {m: sorted(v)[len(v) // 2] for m, v in r.items()} for n, r in results.items()}
-        ours, theirs = med["coatnet (ours)"], med["timm coatnet_0_224"]
-        for name, values in med.items():
-            achieved = 6 * macs[name] * values["train"]
-            ratio = (f"{ours['train'] / theirs['train']:.2f}x",
-                     f"{ours['infer'] / theirs['infer']:.2f}x") if name.endswith("(ours)") \
-                else ("", "")
-            lines.append(f"| {side} | {batch} | {name} | {macs[name] / 1e9:.2f} | {values['train']:.1f} | "
-                         f"{values['infer']:.1f} | {achieved / peak:.1%} ({achieved / conv_peak:.1%}) | "
-                         f"{ratio[0]} | {ratio[1]} |")
-        print("\n".join(lines[-len(med):]), flush=True)
+        for setup in setups:
+            models = build_models(side, device, setup)
+            macs = {name: forward_macs(model, side, device) for name, model in models.items()}
+            results: dict[str, dict[str, list[float]]] = {n: {"train": [], "infer": []}
+                                                          for n in models}
+            for _ in range(args.rounds):
+                for name, model in models.items():
+                    for mode in ("train", "infer"):
+                        results[name][mode].append(time_steps(
+                            model, batch, side, device, setup=setup, train=mode == "train",
+                            amp=amp, seconds=args.seconds))
+            med = {n: {m: statistics.median(v) for m, v in r.items()}
+                   for n, r in results.items()}
+            ours, theirs = med[OURS], med[THEIRS]
+            # Each round times both models back to back: the median of per-round ratios.
+            ratio = {m: statistics.median(a / b for a, b in zip(results[OURS][m],
+                                                                results[THEIRS][m]))
+                     for m in ("train", "infer")}
+            mfu = {n: 6 * macs[n] * med[n]["train"] for n in med}
+            lines.append(
+                f"| {side} | {batch} | {setup} | {ours['train']:.1f} / {theirs['train']:.1f} | "
+                f"**{ratio['train']:.2f}x** | "
+                f"{ours['infer']:.1f} / {theirs['infer']:.1f} | "
+                f"{ratio['infer']:.2f}x | "
+                f"{macs[OURS] / 1e9:.2f} / {macs[THEIRS] / 1e9:.2f} | "
+                f"{mfu[OURS] / peak:.1%} / {mfu[THEIRS] / peak:.1%} "
+                f"({mfu[OURS] / conv_peak:.1%} / {mfu[THEIRS] / conv_peak:.1%}) |")
+            print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -318,15 +318,22 @@ def test_torch_compile_matches_eager() -> None:
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
 
 
-def test_channels_last_matches_contiguous() -> None:
+def test_model_runs_channels_last_and_accepts_nchw_batches() -> None:
     torch.manual_seed(0)
     model = CoAtNetWithLinearClassifier(tiny_config()).eval()
-    x = torch.randn(2, 3, 32, 32)
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    x = torch.randn(2, 3, 32, 32)  # NCHW, as a DataLoader yields
     with torch.no_grad():
         reference = model(x)
-        model = model.to(memory_format=torch.channels_last)
-        assert torch.allclose(model(x.to(memory_format=torch.channels_last)), reference,
-                              atol=1e-5)
+        assert torch.allclose(model(x.contiguous(memory_format=torch.channels_last)),
+                              reference, atol=1e-5)
+        # A model moved back to NCHW computes the same function.
+        nchw = model.to(memory_format=torch.contiguous_format)
+        assert torch.allclose(nchw(x), reference, atol=1e-5)
+    x.requires_grad_()
+    model.train()(x).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
 
 
 def test_sdpa_bias_is_additive_mask_not_boolean() -> None:
@@ -363,19 +370,28 @@ def test_model_and_train_loop_do_not_import_torchvision() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_token_linear_matches_linear_with_gradients() -> None:
-    from coatnet.linear import TokenLinear
+@pytest.mark.parametrize("rows", [(3, 17), (4, 50)], ids=["blas-weight-grad", "onednn-weight-grad"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_token_linear_matches_linear_with_gradients(rows: tuple[int, int], bias: bool) -> None:
+    from coatnet.linear import SMALL_TOKEN_COUNT, TokenLinear
 
+    assert (rows[0] * rows[1] <= SMALL_TOKEN_COUNT) == (rows == (3, 17))  # both paths covered
     torch.manual_seed(0)
-    fast = TokenLinear(24, 40)
-    plain = nn.Linear(24, 40)
+    fast = TokenLinear(24, 40, bias=bias)
+    plain = nn.Linear(24, 40, bias=bias)
     plain.load_state_dict(fast.state_dict())  # same parameters, same state-dict keys
-    x = torch.randn(3, 17, 24, requires_grad=True)
+    x = torch.randn(*rows, 24, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     assert torch.allclose(fast(x), plain(x2), atol=1e-5)
     fast(x).square().sum().backward()
     plain(x2).square().sum().backward()
     assert torch.allclose(x.grad, x2.grad, atol=1e-4)
     assert torch.allclose(fast.weight.grad, plain.weight.grad, atol=1e-4)
-    assert torch.allclose(fast.bias.grad, plain.bias.grad, atol=1e-4)
+    if bias:
+        assert torch.allclose(fast.bias.grad, plain.bias.grad, atol=1e-4)
+    # An input that needs no gradient (the first layer) still trains the weight.
+    fast.weight.grad = None
+    fast(x.detach()[:, :5]).sum().backward()
+    assert fast.weight.grad is not None and fast.weight.grad.abs().sum() > 0
     assert fast(torch.randn(5, 24)).shape == (5, 40)  # other shapes take F.linear
+    assert fast.double()(torch.randn(2, 5, 24, dtype=torch.float64)).dtype == torch.float64

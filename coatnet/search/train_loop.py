@@ -40,6 +40,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from coatnet.cpu_memory import keep_freed_memory
 from coatnet.search.checkpoints import (
     CHECKPOINT_FILE,
     CheckpointError,
@@ -126,7 +127,7 @@ class _TrainReporter(_Reporter):
     def prepare_loader(self, loader: DataLoader) -> DataLoader:
         import ray.train.torch
 
-        # move_to_device=False: the loop moves batches itself (channels_last, non_blocking) and
+        # move_to_device=False: the loop moves batches itself (non_blocking) and
         # keeps the DistributedSampler reachable for set_epoch.
         return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
 
@@ -421,13 +422,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     on_gpu = device.type == "cuda"
     if not on_gpu:
         torch.set_num_threads(max(1, int(trial.get("cpus_per_worker", 1) or 1)))
+        keep_freed_memory()
     _seed_everything(seed + rank)
 
     train_ds, val_ds, info = load_datasets(config["data"], seed=seed)
     model = _build_model(config["model"], info)
     params = sum(p.numel() for p in model.parameters())
-    if on_gpu:
-        model = model.to(memory_format=torch.channels_last)
+    if on_gpu:  # the model itself runs channels-last, on every device
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model = reporter.prepare_model(model, device)
@@ -449,8 +450,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps_per_epoch = max(1, len(train_loader))
     total_steps = epochs * steps_per_epoch
     warmup_steps = min(int(hp.get("warmup_epochs", 0)) * steps_per_epoch, total_steps - 1)
+    # The fused kernel updates every tensor in one call instead of a Python loop per tensor.
     optimizer = torch.optim.AdamW(_param_groups(raw_model, float(hp["weight_decay"])),
-                                  lr=float(hp["lr"]))
+                                  lr=float(hp["lr"]), fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(warmup_steps=max(0, warmup_steps), total_steps=total_steps))
     criterion = nn.CrossEntropyLoss(label_smoothing=float(hp.get("label_smoothing", 0.0)))
@@ -508,8 +510,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 static["startup_s"] = time.time() - float(runtime["started_at"])
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            if on_gpu:
-                images = images.contiguous(memory_format=torch.channels_last)
             with autocast:
                 loss = criterion(model(images), labels)
             if poison:
@@ -545,8 +545,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         images_per_s = totals[1].item() / max(train_time, 1e-9)
 
         val_loss, val_accuracy = _evaluate(model, val_loader, criterion, device=device,
-                                           autocast=autocast, on_gpu=on_gpu,
-                                           world_size=world_size)
+                                           autocast=autocast, world_size=world_size)
         metrics = {
             **static, "train_loss": train_loss, "val_loss": val_loss,
             "val_accuracy": val_accuracy, "epochs_done": epoch, "images_per_s": images_per_s,
@@ -570,15 +569,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def _evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, *,
-              device: torch.device, autocast: Any, on_gpu: bool,
-              world_size: int) -> tuple[float, float]:
+              device: torch.device, autocast: Any, world_size: int) -> tuple[float, float]:
     model.eval()
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        if on_gpu:
-            images = images.contiguous(memory_format=torch.channels_last)
         with autocast:
             logits = model(images)
         loss = criterion(logits.float(), labels)

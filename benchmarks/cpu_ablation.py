@@ -1,0 +1,188 @@
+"""What each of the model's CPU speed choices is worth: training images/s with one switched off.
+
+    python benchmarks/cpu_ablation.py [--cases 64:16,224:8] [--out benchmarks/results/cpu_ablation.md]
+
+Variants, all on one CoAtNet-0 in one process, timed in interleaved rounds so the ratios hold
+on a noisy machine (each round times every variant once; the ratio is the median over rounds):
+- shipped: the model as built, fed NCHW batches like a DataLoader gives.
+- NCHW layout: weights and activations kept in NCHW (no channels-last conversion).
+- oneDNN weight grad: ``TokenLinear`` without the BLAS weight gradient for few tokens.
+- conv via autograd: ``TokenLinear`` as a plain ``F.conv2d`` call that autograd differentiates
+  (no custom backward).
+- nn.Linear: ``TokenLinear`` replaced by plain ``F.linear`` (BLAS for every token product).
+- glibc malloc defaults: the shipped model in a fresh child process (one per round) that does
+  not call ``coatnet.cpu_memory.keep_freed_memory()``; every other variant runs with it, as the
+  search's training workers do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import coatnet.linear  # noqa: E402
+from coatnet import CoAtNet, CoAtNetWithLinearClassifier  # noqa: E402
+from coatnet.cpu_memory import keep_freed_memory  # noqa: E402
+from coatnet.model import CoAtNetBackbone  # noqa: E402
+
+
+@contextlib.contextmanager
+def nchw_layout(model: torch.nn.Module) -> Iterator[None]:
+    model.to(memory_format=torch.contiguous_format)
+    shipped_forward = CoAtNetBackbone.forward
+
+    def forward(self: CoAtNetBackbone, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    CoAtNetBackbone.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        CoAtNetBackbone.forward = shipped_forward  # type: ignore[method-assign]
+        model.to(memory_format=torch.channels_last)
+
+
+@contextlib.contextmanager
+def onednn_weight_grad(model: torch.nn.Module) -> Iterator[None]:
+    shipped = coatnet.linear.SMALL_TOKEN_COUNT
+    coatnet.linear.SMALL_TOKEN_COUNT = 0
+    try:
+        yield
+    finally:
+        coatnet.linear.SMALL_TOKEN_COUNT = shipped
+
+
+@contextlib.contextmanager
+def plain_linear(model: torch.nn.Module) -> Iterator[None]:
+    shipped = coatnet.linear.TokenLinear.forward
+    coatnet.linear.TokenLinear.forward = (  # type: ignore[method-assign]
+        lambda self, x: F.linear(x, self.weight, self.bias))
+    try:
+        yield
+    finally:
+        coatnet.linear.TokenLinear.forward = shipped  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def autograd_conv(model: torch.nn.Module) -> Iterator[None]:
+    def forward(self: coatnet.linear.TokenLinear, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        images = x.reshape(b, n, 1, c).permute(0, 3, 1, 2)
+        out = F.conv2d(images, self.weight[:, :, None, None], self.bias)
+        return out.permute(0, 2, 3, 1).reshape(b, n, self.out_features)
+
+    shipped = coatnet.linear.TokenLinear.forward
+    coatnet.linear.TokenLinear.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        coatnet.linear.TokenLinear.forward = shipped  # type: ignore[method-assign]
+
+
+VARIANTS: dict[str, Callable[[torch.nn.Module], contextlib.AbstractContextManager[None]]] = {
+    "shipped": lambda model: contextlib.nullcontext(),
+    "NCHW layout": nchw_layout,
+    "oneDNN weight grad": onednn_weight_grad,
+    "conv via autograd": autograd_conv,
+    "nn.Linear": plain_linear,
+}
+
+
+GLIBC_DEFAULT = "glibc malloc defaults"
+
+
+def images_per_second(step: Callable[[], None], batch: int, seconds: float) -> float:
+    step()  # warm-up: oneDNN primitive creation for this variant's shapes
+    steps, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or steps < 2:
+        step()
+        steps += 1
+    return batch * steps / elapsed
+
+
+def build(side: int, batch: int) -> Callable[[], None]:
+    """One CoAtNet-0 training step (fused AdamW) on an NCHW batch, as a DataLoader yields."""
+    torch.manual_seed(0)
+    model = CoAtNetWithLinearClassifier(CoAtNet.CoAtNet_0(image_height=side,
+                                                          image_width=side)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randn(batch, 3, side, side)
+    y = torch.randint(0, 1000, (batch,))
+
+    def step() -> None:
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step.model = model  # type: ignore[attr-defined]
+    return step
+
+
+def glibc_default_rate(side: int, batch: int, seconds: float) -> float:
+    """The shipped model in a fresh process that leaves glibc malloc as it starts."""
+    out = subprocess.run([sys.executable, __file__, "--child-glibc-default", f"{side}:{batch}",
+                          "--seconds", str(seconds)], check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="64:16,224:8", help="side:batch,...")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing per variant and round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--child-glibc-default", metavar="SIDE:BATCH", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_glibc_default:
+        side, batch = (int(v) for v in args.child_glibc_default.split(":"))
+        print(images_per_second(build(side, batch), batch, args.seconds))
+        return
+    kept = keep_freed_memory()
+    lines = [f"# CPU ablation: CoAtNet-0 training images/s per speed choice ({datetime.date.today()})",
+             "", f"Command: `python {' '.join(sys.argv)}`  ",
+             f"Machine: {platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
+             f"keep_freed_memory() in this process: {kept}", "",
+             "| size | batch | variant | train img/s (median) | vs shipped (median of rounds) |",
+             "|---|---|---|---|---|"]
+    for case in args.cases.split(","):
+        side, batch = (int(v) for v in case.split(":"))
+        step = build(side, batch)
+        rates: dict[str, list[float]] = {name: [] for name in [*VARIANTS, GLIBC_DEFAULT]}
+        for round_index in range(args.rounds):
+            for name, variant in VARIANTS.items():
+                with variant(step.model):  # type: ignore[attr-defined]
+                    rates[name].append(images_per_second(step, batch, args.seconds))
+            rates[GLIBC_DEFAULT].append(glibc_default_rate(side, batch, args.seconds))
+            print(f"{side}px round {round_index + 1}/{args.rounds}: "
+                  + ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()), flush=True)
+        shipped = rates["shipped"]
+        for name, values in rates.items():
+            ratio = statistics.median(v / s for v, s in zip(values, shipped))
+            lines.append(f"| {side} | {batch} | {name} | {statistics.median(values):.1f} | "
+                         f"{ratio:.3f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
