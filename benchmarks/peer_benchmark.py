@@ -107,6 +107,54 @@ def time_steps(model: torch.nn.Module, batch: int, side: int, device: torch.devi
     return batch / timer.blocked_autorange(min_run_time=seconds).median
 
 
+def stages(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """S0..S4 of either model, for the per-stage table."""
+    if isinstance(model, CoAtNetWithLinearClassifier):
+        stem, rest = model.backbone.stem, list(model.backbone.stages)
+    else:  # timm's MaxxVit
+        stem, rest = model.stem, list(model.stages)
+    return [("S0 (stem)", stem)] + [(f"S{i}", stage) for i, stage in enumerate(rest, start=1)]
+
+
+def stage_times(models: dict[str, torch.nn.Module], batch: int, side: int,
+                device: torch.device, *, setup: str, rounds: int) -> list[str]:
+    """Forward + backward ms of each stage on its real input, medians of interleaved rounds:
+    where the whole-model ratio comes from."""
+    import time
+
+    timed: dict[str, list[tuple[str, torch.Tensor, torch.nn.Module]]] = {}
+    for name, model in models.items():
+        x = torch.randn(batch, 3, side, side, device=device)
+        if setup == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        timed[name] = []
+        with torch.no_grad():
+            for stage_name, stage in stages(model.train()):
+                timed[name].append((stage_name, x, stage))
+                x = stage(x)
+    ms: dict[tuple[str, str], list[float]] = {}
+    for _ in range(rounds):
+        for name, items in timed.items():
+            for stage_name, x, stage in items:
+                x = x.detach().requires_grad_(not stage_name.startswith("S0"))
+                for repeat in range(3):  # the first is a warm-up
+                    start = time.perf_counter()
+                    out = stage(x)
+                    out.backward(torch.ones_like(out))
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    if repeat:
+                        ms.setdefault((name, stage_name), []).append(
+                            (time.perf_counter() - start) * 1e3)
+                stage.zero_grad(set_to_none=True)
+    lines = []
+    for stage_name, _, _ in timed[OURS]:
+        ours, theirs = (statistics.median(ms[(n, stage_name)]) for n in (OURS, THEIRS))
+        lines.append(f"| {side} | {batch} | {setup} | {stage_name} | {ours:.1f} / {theirs:.1f} | "
+                     f"{theirs / ours:.2f}x |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,6 +164,8 @@ def main() -> None:
     parser.add_argument("--cases", default="224:8,64:16", help="side:batch,...")
     parser.add_argument("--setups", default=",".join(SETUPS),
                         help=f"comma-separated, from {', '.join(SETUPS)}")
+    parser.add_argument("--per-stage", action="store_true",
+                        help="also time forward + backward of each stage (S0..S4) of both models")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     setups = args.setups.split(",")
@@ -173,6 +223,16 @@ def main() -> None:
                 f"{mfu[OURS] / peak:.1%} / {mfu[THEIRS] / peak:.1%} "
                 f"({mfu[OURS] / conv_peak:.1%} / {mfu[THEIRS] / conv_peak:.1%}) |")
             print(lines[-1], flush=True)
+    if args.per_stage:
+        lines += ["", "Per stage, forward + backward on the stage's real input (ms, medians):", "",
+                  "| size | batch | setup | stage | ms ours / timm | timm/ours |",
+                  "|---|---|---|---|---|---|"]
+        for case in args.cases.split(","):
+            side, batch = (int(v) for v in case.split(":"))
+            for setup in setups:
+                lines += stage_times(build_models(side, device, setup), batch, side, device,
+                                     setup=setup, rounds=args.rounds)
+                print("\n".join(lines[-5:]), flush=True)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
