@@ -115,8 +115,8 @@ def images_per_second(step: Callable[[], None], batch: int, seconds: float) -> f
     return batch * steps / elapsed
 
 
-def build(side: int, batch: int) -> Callable[[], None]:
-    """One CoAtNet-0 training step (fused AdamW) on an NCHW batch, as a DataLoader yields."""
+def build(side: int, batch: int) -> tuple[torch.nn.Module, Callable[[], None]]:
+    """CoAtNet-0 and its training step (fused AdamW) on an NCHW batch, as a DataLoader yields."""
     torch.manual_seed(0)
     model = CoAtNetWithLinearClassifier(CoAtNet.CoAtNet_0(image_height=side,
                                                           image_width=side)).train()
@@ -129,8 +129,7 @@ def build(side: int, batch: int) -> Callable[[], None]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step.model = model  # type: ignore[attr-defined]
-    return step
+    return model, step
 
 
 def glibc_default_rate(side: int, batch: int, seconds: float) -> float:
@@ -151,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child_glibc_default:
         side, batch = (int(v) for v in args.child_glibc_default.split(":"))
-        print(images_per_second(build(side, batch), batch, args.seconds))
+        print(images_per_second(build(side, batch)[1], batch, args.seconds))
         return
     kept = keep_freed_memory()
     lines = [f"# CPU ablation: CoAtNet-0 training images/s per speed choice ({datetime.date.today()})",
@@ -163,11 +162,11 @@ def main() -> None:
              "|---|---|---|---|---|"]
     for case in args.cases.split(","):
         side, batch = (int(v) for v in case.split(":"))
-        step = build(side, batch)
+        model, step = build(side, batch)
         rates: dict[str, list[float]] = {name: [] for name in [*VARIANTS, GLIBC_DEFAULT]}
         for round_index in range(args.rounds):
             for name, variant in VARIANTS.items():
-                with variant(step.model):  # type: ignore[attr-defined]
+                with variant(model):
                     rates[name].append(images_per_second(step, batch, args.seconds))
             rates[GLIBC_DEFAULT].append(glibc_default_rate(side, batch, args.seconds))
             print(f"{side}px round {round_index + 1}/{args.rounds}: "

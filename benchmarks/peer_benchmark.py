@@ -9,8 +9,9 @@ the ratios hold on a noisy machine, with every thread torch uses. Two setups:
 - ``channels_last``: timm's model and input also converted to channels-last (timm's
   ``--channels-last`` training flag), i.e. the peer at its best layout.
 Both use the same fused AdamW, and the same process-wide malloc setting
-(``coatnet.cpu_memory.keep_freed_memory``, which steadies CPU step times for both). MFU = 3 x 2 x forward MACs per image x images/s, over the
-matmul rate measured in the same run (fp32 on CPU, bf16 on GPU).
+(``coatnet.cpu_memory.keep_freed_memory``, which steadies CPU step times for both).
+MFU = 3 x 2 x forward MACs per image x images/s, over the matmul rate measured in the same run
+(fp32 on CPU, bf16 on GPU). ``--per-stage`` adds forward + backward times of S0..S4.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import datetime
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -120,8 +122,6 @@ def stage_times(models: dict[str, torch.nn.Module], batch: int, side: int,
                 device: torch.device, *, setup: str, rounds: int) -> list[str]:
     """Forward + backward ms of each stage on its real input, medians of interleaved rounds:
     where the whole-model ratio comes from."""
-    import time
-
     timed: dict[str, list[tuple[str, torch.Tensor, torch.nn.Module]]] = {}
     for name, model in models.items():
         x = torch.randn(batch, 3, side, side, device=device)
@@ -138,6 +138,8 @@ def stage_times(models: dict[str, torch.nn.Module], batch: int, side: int,
             for stage_name, x, stage in items:
                 x = x.detach().requires_grad_(not stage_name.startswith("S0"))
                 for repeat in range(3):  # the first is a warm-up
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
                     start = time.perf_counter()
                     out = stage(x)
                     out.backward(torch.ones_like(out))
