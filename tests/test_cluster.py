@@ -436,9 +436,12 @@ def test_trials_run_on_both_nodes(two_nodes: LocalRayCluster, mlflow_server: str
                                     "MLFLOW_TRACKING_URI": mlflow_server})
     env_file = tmp_path / "runtime_env.yaml"
     env_file.write_text(yaml.safe_dump(runtime_env))
+    # Each epoch sleeps 2 s, so the 3 trial slots are all busy at once and the third trial
+    # lands on the second node (otherwise fast trials can all run on the head's 2 CPUs).
+    slow = json.dumps({"sleep_per_epoch_s": 2.0}, separators=(",", ":"))
     submission_id, _ = two_nodes.submit(
-        entrypoint=search_entrypoint(space, storage=tmp_path / "runs", name="two-nodes",
-                                     experiment=experiment),
+        entrypoint=[*search_entrypoint(space, storage=tmp_path / "runs", name="two-nodes",
+                                       experiment=experiment), "--fault", slow],
         runtime_env=env_file, working_dir=REPO_ROOT)
     status = two_nodes.wait_job(submission_id)
     logs = two_nodes.job_logs(submission_id)
