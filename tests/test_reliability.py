@@ -247,10 +247,12 @@ def test_sigkill_driver_then_resume(drivers, tmp_path: Path, mlflow_server: str)
     space = write_space(tmp_path, num_samples=n, epochs=epochs)
     args = ["--space", str(space), "--name", "killed", "--storage-path", str(tmp_path / "runs"),
             "--mlflow-uri", mlflow_server, "--experiment-name", "rel-sigkill",
-            "--fault", json.dumps({"sleep_per_epoch_s": 0.4})]
+            "--fault", json.dumps({"sleep_per_epoch_s": 1.0})]
     experiment = tmp_path / "runs" / "killed"
     first = drivers(args, name="first")
 
+    # Tune saves its experiment state every few seconds: slow epochs keep the window in which
+    # some but not all trials are finished wide enough to be seen.
     def k_finished() -> dict[str, str] | None:
         saved = experiment_trials(experiment)
         done = {t for t, s in saved.items() if s == "TERMINATED"}
