@@ -1,6 +1,7 @@
 """What each of the model's CPU speed choices is worth: training images/s with one switched off.
 
-    python benchmarks/cpu_ablation.py [--cases 64:16,224:8] [--out benchmarks/results/cpu_ablation.md]
+    python benchmarks/cpu_ablation.py [--cases 64:16,224:8]
+        [--out benchmarks/results/cpu_ablation.md]
 
 Variants, all on one CoAtNet-0 in one process, timed in interleaved rounds so the ratios hold
 on a noisy machine (each round times every variant once; the ratio is the median over rounds):
@@ -153,7 +154,8 @@ def main() -> None:
         print(images_per_second(build(side, batch)[1], batch, args.seconds))
         return
     kept = keep_freed_memory()
-    lines = [f"# CPU ablation: CoAtNet-0 training images/s per speed choice ({datetime.date.today()})",
+    title = "CPU ablation: CoAtNet-0 training images/s per speed choice"
+    lines = [f"# {title} ({datetime.date.today()})",
              "", f"Command: `python {' '.join(sys.argv)}`  ",
              f"Machine: {platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}; "

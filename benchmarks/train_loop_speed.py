@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEFAULT_MODEL = dict(image_height=32, image_width=32, image_channel=1, num_classes=10,
-                     num_blocks_in_layers=[1, 1, 1, 2, 1], block_type_in_layers=["C", "C", "C", "T"],
+                     num_blocks_in_layers=[1, 1, 1, 2, 1],
+                     block_type_in_layers=["C", "C", "C", "T"],
                      num_channels_in_layers=[32, 32, 48, 96, 128], expand_scale_in_layers=4,
                      head_dim=32, path_dropout=0.02)
 

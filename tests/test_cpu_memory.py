@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -23,8 +24,6 @@ print((before - rss()) >> 20)
 
 
 def returned_mib(env: dict[str, str] | None = None) -> tuple[str, int]:
-    import os
-
     out = subprocess.run([sys.executable, "-c", RETURNED_MIB], check=True, capture_output=True,
                          text=True, timeout=120, env={**os.environ, **(env or {})})
     kept, mib = out.stdout.split()[-2:]
