@@ -1,7 +1,10 @@
 """End-to-end searches: real Ray Tune + Optuna + ASHA + TorchTrainer, a real MLflow server.
 
 The space is tiny (synthetic data, 32 px, a few epochs) so the whole module stays within a few
-minutes on 2 cores.
+minutes on 2 cores. Its trials run one at a time: ASHA's verdict depends on the order in which
+trials reach a rung, and with concurrent trials that order is a race. One at a time, the seeded
+sampler fixes the order (lr 0.01 first, then 1e-5), and the 1e-5 trial, far behind at rung 1,
+is cut on every machine.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ trial:
   max_failures: 0
 search:
   num_samples: {num_samples}
-  max_concurrent_trials: 2
+  max_concurrent_trials: 1  # see the module docstring
   seed: 3
   searcher: random
   asha: {{grace_period: 1, reduction_factor: 2}}
@@ -51,11 +54,11 @@ model:
   head_dim: 16
   path_dropout: 0.0
 train:
-  lr: {{type: categorical, choices: [0.003, 0.01, 1.0e+30]}}  # 1e30 diverges for real
+  lr: {{type: categorical, choices: [1.0e-5, 0.01, 1.0e+30]}}  # 1e-5 barely learns, 1e30 diverges
   weight_decay: 0.01
   label_smoothing: 0.0
-  batch_size: 64
-  warmup_epochs: 1
+  batch_size: 16
+  warmup_epochs: 0
 """
 
 
@@ -131,7 +134,7 @@ def test_mlflow_has_one_parent_and_a_nested_child_per_trial(finished_search) -> 
         run = by_trial[row.trial_id]
         assert run.info.status == "FINISHED"
         assert run.data.tags["status"] == row.status
-        assert run.data.params["candidate.hparams.lr"] in ("0.003", "0.01", "1e+30")
+        assert run.data.params["candidate.hparams.lr"] in ("1e-05", "0.01", "1e+30")
         history = client.get_metric_history(run.info.run_id, "val_accuracy")
         steps = [m.step for m in history]
         if row.status == "infeasible":
