@@ -1,19 +1,24 @@
 """What each of the model's CPU speed choices is worth: training images/s with one switched off.
 
-    python benchmarks/cpu_ablation.py [--cases 64:16,224:8]
+    python benchmarks/cpu_ablation.py [--cases 64:16,224:8,224:32]
         [--out benchmarks/results/cpu_ablation.md]
 
 Variants, all on one CoAtNet-0 in one process, timed in interleaved rounds so the ratios hold
-on a noisy machine (each round times every variant once; the ratio is the median over rounds):
+on a noisy machine (each round times every variant once, in an order rotated by one each round,
+so no variant always runs right after the child processes; the ratio is the median over rounds):
 - shipped: the model as built, fed NCHW batches like a DataLoader gives.
 - NCHW layout: weights and activations kept in NCHW (no channels-last conversion).
 - oneDNN weight grad: ``TokenLinear`` without the BLAS weight gradient for few tokens.
-- conv via autograd: ``TokenLinear`` as a plain ``F.conv2d`` call that autograd differentiates
-  (no custom backward).
+- conv via autograd: ``TokenLinear`` as a plain ``F.conv2d`` on a batch of (C, tokens, 1)
+  images that autograd differentiates (no custom backward, no single-image view of the rows).
 - nn.Linear: ``TokenLinear`` replaced by plain ``F.linear`` (BLAS for every token product).
 - glibc malloc defaults: the shipped model in a fresh child process (one per round) that does
   not call ``coatnet.cpu_memory.keep_freed_memory()``; every other variant runs with it, as the
   search's training workers do.
+- mmap above 32 MiB: the same child with glibc's thresholds pinned (``MALLOC_MMAP_THRESHOLD_``
+  at its 32 MiB ceiling, ``MALLOC_TRIM_THRESHOLD_`` 1 GiB) but mmap left on, so blocks over
+  32 MiB still come as fresh pages every step (what ``keep_freed_memory`` did before it
+  turned mmap off).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -104,7 +110,13 @@ VARIANTS: dict[str, Callable[[torch.nn.Module], contextlib.AbstractContextManage
 }
 
 
-GLIBC_DEFAULT = "glibc malloc defaults"
+# Variants that need a fresh process: glibc reads its MALLOC_* settings once, at start-up.
+CHILD_VARIANTS: dict[str, dict[str, str]] = {
+    "glibc malloc defaults": {},
+    "mmap above 32 MiB": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                          "MALLOC_TRIM_THRESHOLD_": str(1 << 30)},
+}
+_MALLOC_ENV = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 def images_per_second(step: Callable[[], None], batch: int, seconds: float) -> float:
@@ -133,24 +145,26 @@ def build(side: int, batch: int) -> tuple[torch.nn.Module, Callable[[], None]]:
     return model, step
 
 
-def glibc_default_rate(side: int, batch: int, seconds: float) -> float:
-    """The shipped model in a fresh process that leaves glibc malloc as it starts."""
-    out = subprocess.run([sys.executable, __file__, "--child-glibc-default", f"{side}:{batch}",
-                          "--seconds", str(seconds)], check=True, capture_output=True, text=True)
+def child_rate(side: int, batch: int, seconds: float, malloc_env: dict[str, str]) -> float:
+    """The shipped model in a fresh process with these malloc settings and no others."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_MALLOC_ENV)}
+    out = subprocess.run([sys.executable, __file__, "--child", f"{side}:{batch}",
+                          "--seconds", str(seconds)], check=True, capture_output=True, text=True,
+                         env={**env, **malloc_env})
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="64:16,224:8", help="side:batch,...")
+    parser.add_argument("--cases", default="64:16,224:8,224:32", help="side:batch,...")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per variant and round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--child-glibc-default", metavar="SIDE:BATCH", help=argparse.SUPPRESS)
+    parser.add_argument("--child", metavar="SIDE:BATCH", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child_glibc_default:
-        side, batch = (int(v) for v in args.child_glibc_default.split(":"))
+    if args.child:
+        side, batch = (int(v) for v in args.child.split(":"))
         print(images_per_second(build(side, batch)[1], batch, args.seconds))
         return
     kept = keep_freed_memory()
@@ -165,12 +179,17 @@ def main() -> None:
     for case in args.cases.split(","):
         side, batch = (int(v) for v in case.split(":"))
         model, step = build(side, batch)
-        rates: dict[str, list[float]] = {name: [] for name in [*VARIANTS, GLIBC_DEFAULT]}
+        rates: dict[str, list[float]] = {name: [] for name in [*VARIANTS, *CHILD_VARIANTS]}
+        names = list(rates)
         for round_index in range(args.rounds):
-            for name, variant in VARIANTS.items():
-                with variant(model):
-                    rates[name].append(images_per_second(step, batch, args.seconds))
-            rates[GLIBC_DEFAULT].append(glibc_default_rate(side, batch, args.seconds))
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                if name in CHILD_VARIANTS:
+                    rate = child_rate(side, batch, args.seconds, CHILD_VARIANTS[name])
+                else:
+                    with VARIANTS[name](model):
+                        rate = images_per_second(step, batch, args.seconds)
+                rates[name].append(rate)
             print(f"{side}px round {round_index + 1}/{args.rounds}: "
                   + ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()), flush=True)
         shipped = rates["shipped"]

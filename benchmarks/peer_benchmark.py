@@ -8,8 +8,12 @@ the ratios hold on a noisy machine, with every thread torch uses. Two setups:
   yields). Ours runs channels-last internally; timm's stays NCHW unless asked.
 - ``channels_last``: timm's model and input also converted to channels-last (timm's
   ``--channels-last`` training flag), i.e. the peer at its best layout.
-Both use the same fused AdamW, and the same process-wide malloc setting
-(``coatnet.cpu_memory.keep_freed_memory``, which steadies CPU step times for both).
+Both use the same fused AdamW, and the same process-wide malloc setting: by default
+``coatnet.cpu_memory.keep_freed_memory`` (no per-step page faults, the fastest setting for both
+models); ``--malloc glibc`` leaves glibc's defaults, as a training script that does not set it
+runs (timm's bigger activations suffer more from those). glibc adapts its thresholds at run
+time, and the big blocks of the rate measurements that come first raise them, so small
+activations fare better here than in a fresh training process (``cpu_ablation.py``).
 MFU = 3 x 2 x forward MACs per image x images/s, over the matmul rate measured in the same run
 (fp32 on CPU, bf16 on GPU). ``--per-stage`` adds forward + backward times of S0..S4.
 """
@@ -168,13 +172,15 @@ def main() -> None:
                         help=f"comma-separated, from {', '.join(SETUPS)}")
     parser.add_argument("--per-stage", action="store_true",
                         help="also time forward + backward of each stage (S0..S4) of both models")
+    parser.add_argument("--malloc", choices=("kept", "glibc"), default="kept",
+                        help="kept: call keep_freed_memory() for both models; glibc: defaults")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     setups = args.setups.split(",")
     if unknown := sorted(set(setups) - set(SETUPS)):
         parser.error(f"--setups: unknown {unknown}; allowed: {', '.join(SETUPS)}")
     device = torch.device(args.device)
-    kept = keep_freed_memory()
+    kept = keep_freed_memory() if args.malloc == "kept" else False
     amp = device.type == "cuda"
     dtype = torch.bfloat16 if amp else torch.float32
     if device.type == "cuda":

@@ -2,14 +2,15 @@
 
 On CPU, oneDNN's 1x1 convolution runs the forward and input-gradient products about twice as
 fast as the BLAS matmul behind ``F.linear`` (MKL takes a slow path on AMD CPUs such as the
-2-core EPYC this project is tested on). oneDNN's *weight*-gradient kernel is the exception:
-with few tokens and a large weight it is 2-6x slower than a BLAS matmul (1.4 ms vs 8.9 ms for
-64 tokens, 768 -> 3072: the last stage of CoAtNet-0 at 64 px), so up to ``SMALL_TOKEN_COUNT``
-rows the weight gradient is one ``grad.T @ x``. Measured on CoAtNet-0 training
-(``benchmarks/results/cpu_ablation.md``): +21% at 64 px and +32% at 224 px over ``nn.Linear``;
-the explicit backward adds 7% at 64 px over letting autograd differentiate the convolution,
-3 points of which are the BLAS weight gradient. The weights, the state dict and every other
-device are exactly ``nn.Linear``'s.
+2-core EPYC this project is tested on). The rows go in as one (1, C, rows, 1) channels-last
+image, not as a batch of B images: with few tokens per image oneDNN is up to 2x faster that way.
+oneDNN's *weight*-gradient kernel can lose to BLAS with few rows and a large weight (3.4 ms vs
+1.9 ms for 64 rows, 3072 -> 768: the last stage of CoAtNet-0 at 64 px), so up to
+``SMALL_TOKEN_COUNT`` rows the weight gradient is one ``grad.T @ x``. Measured on CoAtNet-0
+training (``benchmarks/results/cpu_ablation.md``): +19% at 64 px and +29% at 224 px over
+``nn.Linear``; +7% at 64 px over a batched convolution that autograd differentiates (same at
+224 px), of which the BLAS weight gradient is about 2 points. The weights, the state dict and
+every other device are exactly ``nn.Linear``'s.
 """
 
 from __future__ import annotations
