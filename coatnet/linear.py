@@ -9,8 +9,9 @@ oneDNN's *weight*-gradient kernel can lose to BLAS with few rows and a large wei
 ``SMALL_TOKEN_COUNT`` rows the weight gradient is one ``grad.T @ x``. Measured on CoAtNet-0
 training (``benchmarks/results/cpu_ablation.md``): +19% at 64 px and +29% at 224 px over
 ``nn.Linear``; +7% at 64 px over a batched convolution that autograd differentiates (same at
-224 px), of which the BLAS weight gradient is about 2 points. The weights, the state dict and
-every other device are exactly ``nn.Linear``'s.
+224 px): about 2 points from the explicit backward with its BLAS weight gradient, the rest from
+the single-image view. The weights, the state dict and every other device are exactly
+``nn.Linear``'s.
 """
 
 from __future__ import annotations
