@@ -428,7 +428,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_ds, val_ds, info = load_datasets(config["data"], seed=seed)
     model = _build_model(config["model"], info)
     params = sum(p.numel() for p in model.parameters())
-    if on_gpu:  # the model itself runs channels-last, on every device
+    # No memory-format conversion here: the model runs channels-last on every device.
+    if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model = reporter.prepare_model(model, device)
