@@ -2,8 +2,11 @@
 
     python benchmarks/peer_benchmark.py [--device cpu|cuda] [--out benchmarks/results/peer_cpu.md]
 
-Both models are built at the same input size and timed in the same process, interleaved, so
-the ratios hold on a noisy machine, with every thread torch uses. Two setups:
+Both models are built at the same input size and timed in interleaved rounds, so the ratios
+hold on a noisy machine, with every thread torch uses. In each round each model trains and
+infers in a fresh process of its own, as a training run would: in one shared process timm's
+224 px training rate swung between 5.7 and 7.2 img/s with the heap state the other model and
+the earlier measurements left behind. Two setups:
 - ``built``: each model exactly as its library builds it, fed NCHW batches (what a DataLoader
   yields). Ours runs channels-last internally; timm's stays NCHW unless asked.
 - ``channels_last``: timm's model and input also converted to channels-last (timm's
@@ -11,19 +14,20 @@ the ratios hold on a noisy machine, with every thread torch uses. Two setups:
 Both use the same fused AdamW, and the same process-wide malloc setting: by default
 ``coatnet.cpu_memory.keep_freed_memory`` (no per-step page faults, the fastest setting for both
 models); ``--malloc glibc`` leaves glibc's defaults, as a training script that does not set it
-runs (timm's bigger activations suffer more from those). glibc adapts its thresholds at run
-time, and the big blocks of the rate measurements that come first raise them, so small
-activations fare better here than in a fresh training process (``cpu_ablation.py``).
+runs (timm's bigger activations suffer more from those).
 MFU = 3 x 2 x forward MACs per image x images/s, over the matmul rate measured in the same run
-(fp32 on CPU, bf16 on GPU). ``--per-stage`` adds forward + backward times of S0..S4.
+(fp32 on CPU, bf16 on GPU). ``--per-stage`` adds forward + backward times of S0..S4 (both
+models in this process: a diagnostic of where the ratio comes from).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,15 +44,53 @@ OURS, THEIRS = "coatnet (ours)", "timm coatnet_0_224"
 SETUPS = ("built", "channels_last")
 
 
-def build_models(side: int, device: torch.device, setup: str) -> dict[str, torch.nn.Module]:
-    import timm
+def allow_tf32(device: torch.device) -> None:
+    """On GPU, the fp32 leftovers of bf16 autocast may use TF32, as in any GPU training."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
-    ours = CoAtNetWithLinearClassifier(CoAtNet.CoAtNet_0(image_height=side, image_width=side))
-    theirs = timm.create_model("coatnet_0_224", img_size=side, pretrained=False)
-    models = {OURS: ours.to(device), THEIRS: theirs.to(device)}
-    if setup == "channels_last":
-        models = {n: m.to(memory_format=torch.channels_last) for n, m in models.items()}
-    return models
+
+def build_model(name: str, side: int, device: torch.device, setup: str) -> torch.nn.Module:
+    if name == OURS:
+        model = CoAtNetWithLinearClassifier(CoAtNet.CoAtNet_0(image_height=side,
+                                                              image_width=side))
+    else:
+        import timm
+
+        model = timm.create_model("coatnet_0_224", img_size=side, pretrained=False)
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if setup == "channels_last" else model
+
+
+def build_models(side: int, device: torch.device, setup: str) -> dict[str, torch.nn.Module]:
+    return {name: build_model(name, side, device, setup) for name in (OURS, THEIRS)}
+
+
+def rates_in_fresh_process(name: str, side: int, batch: int, setup: str,
+                           args: argparse.Namespace) -> dict[str, float]:
+    """Train and inference images/s of one model, measured by a child process of its own."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps([name, side, batch, setup]),
+         "--device", args.device, "--seconds", str(args.seconds), "--malloc", args.malloc],
+        capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"timing {name} at {side} px in a child process failed "
+                           f"(rc={out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child_main(args: argparse.Namespace) -> None:
+    name, side, batch, setup = json.loads(args.child)
+    if args.malloc == "kept":
+        keep_freed_memory()
+    device = torch.device(args.device)
+    allow_tf32(device)
+    model = build_model(name, side, device, setup)
+    rates = {mode: time_steps(model, batch, side, device, setup=setup, train=mode == "train",
+                              amp=device.type == "cuda", seconds=args.seconds)
+             for mode in ("train", "infer")}
+    print(json.dumps(rates))
 
 
 def forward_macs(model: torch.nn.Module, side: int, device: torch.device) -> int:
@@ -175,17 +217,18 @@ def main() -> None:
     parser.add_argument("--malloc", choices=("kept", "glibc"), default="kept",
                         help="kept: call keep_freed_memory() for both models; glibc: defaults")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child_main(args)
+        return
     setups = args.setups.split(",")
     if unknown := sorted(set(setups) - set(SETUPS)):
         parser.error(f"--setups: unknown {unknown}; allowed: {', '.join(SETUPS)}")
     device = torch.device(args.device)
     kept = keep_freed_memory() if args.malloc == "kept" else False
-    amp = device.type == "cuda"
-    dtype = torch.bfloat16 if amp else torch.float32
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    allow_tf32(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     peak = matmul_rate(device, dtype, args.seconds)
     conv_peak = conv1x1_rate(device, dtype, args.seconds)
@@ -204,16 +247,18 @@ def main() -> None:
     for case in args.cases.split(","):
         side, batch = (int(v) for v in case.split(":"))
         for setup in setups:
-            models = build_models(side, device, setup)
-            macs = {name: forward_macs(model, side, device) for name, model in models.items()}
+            macs = {name: forward_macs(model, side, device)
+                    for name, model in build_models(side, device, setup).items()}
             results: dict[str, dict[str, list[float]]] = {n: {"train": [], "infer": []}
-                                                          for n in models}
-            for _ in range(args.rounds):
-                for name, model in models.items():
-                    for mode in ("train", "infer"):
-                        results[name][mode].append(time_steps(
-                            model, batch, side, device, setup=setup, train=mode == "train",
-                            amp=amp, seconds=args.seconds))
+                                                          for n in macs}
+            for round_index in range(args.rounds):
+                names = list(macs) if round_index % 2 == 0 else list(macs)[::-1]
+                for name in names:
+                    rates = rates_in_fresh_process(name, side, batch, setup, args)
+                    for mode, rate in rates.items():
+                        results[name][mode].append(rate)
+                print(f"{side}px {setup} round {round_index + 1}/{args.rounds}: " + ", ".join(
+                    f"{n} {r['train'][-1]:.1f} img/s" for n, r in results.items()), flush=True)
             med = {n: {m: statistics.median(v) for m, v in r.items()}
                    for n, r in results.items()}
             ours, theirs = med[OURS], med[THEIRS]

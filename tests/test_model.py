@@ -370,20 +370,32 @@ def test_model_and_train_loop_do_not_import_torchvision() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-@pytest.mark.parametrize("rows", [(3, 17), (4, 50)], ids=["blas-weight-grad", "onednn-weight-grad"])
+def _autograd_node_names(out: torch.Tensor) -> set[str]:
+    names, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            names.add(node.name())
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("rows", [(3, 17), (4, 50)], ids=["51-rows", "200-rows"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_token_linear_matches_linear_with_gradients(rows: tuple[int, int], bias: bool) -> None:
-    from coatnet.linear import SMALL_TOKEN_COUNT, TokenLinear
+    from coatnet.linear import TokenLinear, onednn_linear_available
 
-    assert (rows[0] * rows[1] <= SMALL_TOKEN_COUNT) == (rows == (3, 17))  # both paths covered
+    assert onednn_linear_available()  # else this would compare F.linear with itself
     torch.manual_seed(0)
     fast = TokenLinear(24, 40, bias=bias)
     plain = nn.Linear(24, 40, bias=bias)
     plain.load_state_dict(fast.state_dict())  # same parameters, same state-dict keys
     x = torch.randn(*rows, 24, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
-    assert torch.allclose(fast(x), plain(x2), atol=1e-5)
-    fast(x).square().sum().backward()
+    out = fast(x)
+    assert "_OneDNNLinearBackward" in _autograd_node_names(out)
+    assert torch.allclose(out, plain(x2), atol=1e-5)
+    out.square().sum().backward()
     plain(x2).square().sum().backward()
     assert torch.allclose(x.grad, x2.grad, atol=1e-4)
     assert torch.allclose(fast.weight.grad, plain.weight.grad, atol=1e-4)
@@ -395,3 +407,44 @@ def test_token_linear_matches_linear_with_gradients(rows: tuple[int, int], bias:
     assert fast.weight.grad is not None and fast.weight.grad.abs().sum() > 0
     assert fast(torch.randn(5, 24)).shape == (5, 40)  # other shapes take F.linear
     assert fast.double()(torch.randn(2, 5, 24, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's flags()
+def test_token_linear_respects_onednn_switched_off() -> None:
+    from coatnet.linear import TokenLinear
+
+    torch.manual_seed(0)
+    fast = TokenLinear(24, 40)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    with torch.backends.mkldnn.flags(enabled=False):
+        out = fast(x)
+    assert "_OneDNNLinearBackward" not in _autograd_node_names(out)
+    assert torch.allclose(out, F.linear(x, fast.weight, fast.bias), atol=1e-6)
+
+
+def test_token_linear_falls_back_with_a_warning_when_the_op_is_unusable(monkeypatch) -> None:
+    import coatnet.linear as linear
+
+    monkeypatch.setattr(linear, "_SCHEMA", "mkldnn::_linear_pointwise(Tensor X) -> Tensor Y")
+    linear.onednn_linear_available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="falls back to F.linear.*expected 'mkldnn::"):
+            assert not linear.onednn_linear_available()
+        layer = linear.TokenLinear(8, 4)
+        x = torch.randn(2, 3, 8)
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias))
+    finally:
+        linear.onednn_linear_available.cache_clear()  # the real op is checked again after
+
+
+def test_flop_counter_counts_the_onednn_products_on_cpu() -> None:
+    # The MFU figures and anyone's FlopCounterMode on a CPU model must still see the projections.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = tiny_config()
+    model = CoAtNetWithLinearClassifier(config).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randn(1, 3, config.image_height, config.image_width))
+    assert "mkldnn._linear_pointwise" in {str(op) for op in counter.get_flop_counts()["Global"]}
+    assert counter.get_total_flops() == 2 * count_params_and_macs(config).macs
