@@ -3,7 +3,7 @@
 On CPU, PyTorch sends fp32 ``F.linear`` and both of its backward products to MKL's sgemm,
 which takes a slow path on AMD CPUs: on the 2-core EPYC this project is tested on it runs the
 token projections of CoAtNet-0 at 0.16-0.22 TFLOP/s, where oneDNN's inner product runs the
-same products at 0.35-0.52 TFLOP/s. ``TokenLinear`` computes all three of them,
+same products at 0.33-0.52 TFLOP/s. ``TokenLinear`` computes all three of them,
 y = x W^T + b, dx = dy W and dW = dy^T x, as oneDNN inner products: the
 ``mkldnn::_linear_pointwise`` op, which Inductor's CPU backend emits for linear layers and which
 takes its weight operand as a transposed view without copying it (its input it makes
