@@ -431,8 +431,10 @@ def test_token_linear_falls_back_with_a_warning_when_the_op_is_unusable(monkeypa
         with pytest.warns(RuntimeWarning, match="falls back to F.linear.*expected 'mkldnn::"):
             assert not linear.onednn_linear_available()
         layer = linear.TokenLinear(8, 4)
-        x = torch.randn(2, 3, 8)
-        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias))
+        x = torch.randn(2, 3, 8, requires_grad=True)
+        out = layer(x)
+        assert "_OneDNNLinearBackward" not in _autograd_node_names(out)
+        assert torch.allclose(out, F.linear(x, layer.weight, layer.bias))
     finally:
         linear.onednn_linear_available.cache_clear()  # the real op is checked again after
 
