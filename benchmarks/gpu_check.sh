@@ -31,7 +31,7 @@ DRY=0
 for arg in "$@"; do
     case $arg in
         --cpu-dry-run) DRY=1 ;;
-        -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "gpu_check: unknown argument $arg (use --cpu-dry-run or --help)" >&2; exit 2 ;;
     esac
 done
