@@ -13,6 +13,7 @@ from coatnet import (CoAtNet, CoAtNetBackbone, CoAtNetConfig, CoAtNetConvBlock,
                      CoAtNetRelativeAttention, CoAtNetTransformerBlock,
                      CoAtNetWithLinearClassifier, count_params_and_macs)
 from coatnet.attention import relative_position_index
+from coatnet.blocks import SqueezeExcitation
 
 PAPER_PARAMS_M = {0: 25, 1: 42, 2: 75, 3: 168, 4: 275}
 PAPER_MACS_224_G = {0: 4.2, 1: 8.4, 2: 15.7, 3: 34.7}
@@ -212,6 +213,26 @@ def test_mbconv_has_a_single_residual() -> None:
     nn.init.zeros_(block.conv[-1].bias)
     x = torch.randn(2, 16, 8, 8)
     assert torch.allclose(block(x), x)  # branch silenced: exactly x, not 2x
+
+
+@pytest.mark.parametrize("height, width", [(7, 5), (1, 1)])
+def test_squeeze_excitation_gates_by_the_mean_with_gradients(height: int, width: int) -> None:
+    se = SqueezeExcitation(12, 3).double()
+    x = torch.randn(2, 12, height, width, dtype=torch.float64,
+                    requires_grad=True).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 12, height, width, dtype=torch.float64)
+
+    def reference(x: torch.Tensor) -> torch.Tensor:  # Hu et al.: global *average* pool
+        gate = se.fc2(F.gelu(se.fc1(x.mean((2, 3), keepdim=True)))).sigmoid()
+        return x * gate
+
+    out, expected = se(x), reference(x)
+    params = [x, *se.parameters()]
+    got = torch.autograd.grad(out, params, grad)
+    want = torch.autograd.grad(expected, params, grad)
+    assert torch.allclose(out, expected, atol=1e-12)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-12)
 
 
 @pytest.mark.parametrize("side", [1, 2, 3, 7, 8])
