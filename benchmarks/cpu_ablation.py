@@ -13,6 +13,11 @@ so no variant always runs right after the child processes; the ratio is the medi
   differentiated by autograd (the hand-written backward that shipped before was about 2%
   faster at 64 px).
 - nn.Linear: ``TokenLinear`` replaced by plain ``F.linear`` (BLAS for every token product).
+- SE mean-pooled: squeeze-excitation pooling with ``x.mean``, whose backward divides into a new
+  map-sized tensor (the shipped sum-then-scale backward is a broadcast view).
+- Inductor MBConv blocks: not a shipped choice but the obvious alternative for the
+  memory-bound batch norm / GELU / SE passes: every MBConv block under ``torch.compile``
+  (Inductor's fused C++ kernels; compiled in the warm-up step, not timed).
 - glibc malloc defaults: the shipped model in a fresh child process (one per round) that does
   not call ``coatnet.cpu_memory.keep_freed_memory()``; every other variant runs with it, as the
   search's training workers do.
@@ -43,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import coatnet.linear  # noqa: E402
 from coatnet import CoAtNet, CoAtNetWithLinearClassifier  # noqa: E402
 from coatnet.cpu_memory import keep_freed_memory  # noqa: E402
+from coatnet.blocks import CoAtNetConvBlock, SqueezeExcitation  # noqa: E402
 from coatnet.model import CoAtNetBackbone  # noqa: E402
 
 
@@ -92,11 +98,40 @@ def conv_kernels(model: torch.nn.Module) -> Iterator[None]:
         coatnet.linear.TokenLinear.forward = shipped  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def mean_pooled_se(model: torch.nn.Module) -> Iterator[None]:
+    def forward(self: SqueezeExcitation, x: torch.Tensor) -> torch.Tensor:
+        return x * self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))).sigmoid()
+
+    shipped = SqueezeExcitation.forward
+    SqueezeExcitation.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        SqueezeExcitation.forward = shipped  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def inductor_mbconv(model: torch.nn.Module) -> Iterator[None]:
+    # one compiled graph per block shape and case; Dynamo's default limit would fall back to eager
+    torch._dynamo.config.recompile_limit = 64
+    blocks = [m for m in model.modules() if isinstance(m, CoAtNetConvBlock)]
+    for block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=False)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
 VARIANTS: dict[str, Callable[[torch.nn.Module], contextlib.AbstractContextManager[None]]] = {
     "shipped": lambda model: contextlib.nullcontext(),
     "NCHW layout": nchw_layout,
     "1x1 conv kernels": conv_kernels,
     "nn.Linear": plain_linear,
+    "SE mean-pooled": mean_pooled_se,
+    "Inductor MBConv blocks": inductor_mbconv,
 }
 
 

@@ -5,10 +5,10 @@ freed (blocks above a threshold it moves at run time, and always above 32 MiB), 
 the top of its heap. A training step that allocates the same activations every step then pays,
 every step, for page faults that zero fresh memory. Serving every block from the heap and
 keeping freed memory there gives a steady, faster step. On a 2-core AMD EPYC, CoAtNet-0 trains
-1.27x as fast as with glibc's defaults at 64 px / batch 16, 1.25x at 224 px / batch 8 and 2.06x
-at 224 px / batch 32, where many activations are over 32 MiB; pinning the thresholds alone, with
-mmap still on, leaves that last case at the defaults' speed (``benchmarks/results/
-cpu_ablation.md``). The same as starting Python with ``MALLOC_MMAP_MAX_=0
+1.21-1.27x as fast as with glibc's defaults at 64 px / batch 16, 1.25x at 224 px / batch 8 and
+2.1-2.4x at 224 px / batch 32 (two runs), where many activations are over 32 MiB; pinning the
+thresholds alone, with mmap still on, leaves that last case at the defaults' speed
+(``benchmarks/results/cpu_ablation.md``). The same as starting Python with ``MALLOC_MMAP_MAX_=0
 MALLOC_TRIM_THRESHOLD_=1073741824``, or close to jemalloc/tcmalloc preloaded. The cost: the
 process keeps its peak heap (peak RSS 7.8 instead of 7.1 GiB at 224 px / batch 32).
 """

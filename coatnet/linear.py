@@ -8,9 +8,9 @@ y = x W^T + b, dx = dy W and dW = dy^T x, as oneDNN inner products: the
 ``mkldnn::_linear_pointwise`` op, which Inductor's CPU backend emits for linear layers and which
 takes its weight operand as a transposed view without copying it (its input it makes
 contiguous). Measured on CoAtNet-0 training
-(``benchmarks/results/cpu_ablation.md``): +41% over ``nn.Linear`` at 64 px and +26-31% at
+(``benchmarks/results/cpu_ablation.md``): +42% over ``nn.Linear`` at 64 px and +30-33% at
 224 px; +13% at 64 px over running the products as oneDNN 1x1 convolutions, whose kernels are
-tuned for few rows less well (at 224 px, with thousands of rows, those are 1-3% faster).
+tuned for few rows less well (at 224 px, with thousands of rows, the two are within 3%).
 
 Everywhere else (GPU, other dtypes, CPU autocast, under ``torch.compile``, oneDNN switched
 off with ``torch.backends.mkldnn.flags(enabled=False)``, a torch whose op is missing or has
