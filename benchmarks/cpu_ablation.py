@@ -15,9 +15,9 @@ so no variant always runs right after the child processes; the ratio is the medi
 - nn.Linear: ``TokenLinear`` replaced by plain ``F.linear`` (BLAS for every token product).
 - SE mean-pooled: squeeze-excitation pooling with ``x.mean``, whose backward divides into a new
   map-sized tensor (the shipped sum-then-scale backward is a broadcast view).
-- Inductor MBConv blocks: not a shipped choice but the obvious alternative for the
-  memory-bound batch norm / GELU / SE passes: every MBConv block under ``torch.compile``
-  (Inductor's fused C++ kernels; compiled in the warm-up step, not timed).
+- Inductor MBConv blocks: not a shipped choice but the obvious one for the elementwise batch
+  norm / GELU / SE passes: every MBConv block under ``torch.compile`` (Inductor's fused C++
+  kernels; compiled in the warm-up step, not timed).
 - glibc malloc defaults: the shipped model in a fresh child process (one per round) that does
   not call ``coatnet.cpu_memory.keep_freed_memory()``; every other variant runs with it, as the
   search's training workers do.
@@ -47,8 +47,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import coatnet.linear  # noqa: E402
 from coatnet import CoAtNet, CoAtNetWithLinearClassifier  # noqa: E402
-from coatnet.cpu_memory import keep_freed_memory  # noqa: E402
 from coatnet.blocks import CoAtNetConvBlock, SqueezeExcitation  # noqa: E402
+from coatnet.cpu_memory import keep_freed_memory  # noqa: E402
 from coatnet.model import CoAtNetBackbone  # noqa: E402
 
 
