@@ -31,20 +31,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness
+
+sys.path.insert(0, str(harness.REPO))
 import coatnet.linear  # noqa: E402
 from coatnet import CoAtNet, CoAtNetWithLinearClassifier  # noqa: E402
 from coatnet.blocks import CoAtNetConvBlock, SqueezeExcitation  # noqa: E402
@@ -145,12 +143,8 @@ _MALLOC_ENV = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 def images_per_second(step: Callable[[], None], batch: int, seconds: float) -> float:
-    step()  # warm-up: oneDNN primitive creation for this variant's shapes
-    steps, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or steps < 2:
-        step()
-        steps += 1
-    return batch * steps / elapsed
+    # one warm-up step: oneDNN primitive creation for this variant's shapes
+    return batch * harness.calls_per_second(step, seconds, warmup=1, min_calls=2)
 
 
 def build(side: int, batch: int) -> tuple[torch.nn.Module, Callable[[], None]]:
@@ -173,10 +167,9 @@ def build(side: int, batch: int) -> tuple[torch.nn.Module, Callable[[], None]]:
 def child_rate(side: int, batch: int, seconds: float, malloc_env: dict[str, str]) -> float:
     """The shipped model in a fresh process with these malloc settings and no others."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_MALLOC_ENV)}
-    out = subprocess.run([sys.executable, __file__, "--child", f"{side}:{batch}",
-                          "--seconds", str(seconds)], check=True, capture_output=True, text=True,
-                         env={**env, **malloc_env})
-    return float(out.stdout.strip().splitlines()[-1])
+    return float(harness.run_child(__file__, ["--child", f"{side}:{batch}",
+                                              "--seconds", str(seconds)],
+                                   env={**env, **malloc_env}, what=f"timing {side} px"))
 
 
 def main() -> None:
@@ -193,40 +186,30 @@ def main() -> None:
         print(images_per_second(build(side, batch)[1], batch, args.seconds))
         return
     kept = keep_freed_memory()
-    title = "CPU ablation: CoAtNet-0 training images/s per speed choice"
-    lines = [f"# {title} ({datetime.date.today()})",
-             "", f"Command: `python {' '.join(sys.argv)}`  ",
-             f"Machine: {platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
-             f"keep_freed_memory() in this process: {kept}", "",
-             "| size | batch | variant | train img/s (median) | vs shipped (median of rounds) |",
-             "|---|---|---|---|---|"]
-    for case in args.cases.split(","):
-        side, batch = (int(v) for v in case.split(":"))
+    results = harness.Results.dated(
+        "CPU ablation: CoAtNet-0 training images/s per speed choice", script=__file__,
+        machine=f"{harness.machine()}; keep_freed_memory() in this process: {kept}")
+    results.table("size", "batch", "variant", "train img/s (median)",
+                  "vs shipped (median of rounds)")
+    for side, batch in harness.parse_cases(args.cases):
         model, step = build(side, batch)
-        rates: dict[str, list[float]] = {name: [] for name in [*VARIANTS, *CHILD_VARIANTS]}
-        names = list(rates)
-        for round_index in range(args.rounds):
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
-                if name in CHILD_VARIANTS:
-                    rate = child_rate(side, batch, args.seconds, CHILD_VARIANTS[name])
-                else:
-                    with VARIANTS[name](model):
-                        rate = images_per_second(step, batch, args.seconds)
-                rates[name].append(rate)
+
+        def measure(name: str) -> float:
+            if name in CHILD_VARIANTS:
+                return child_rate(side, batch, args.seconds, CHILD_VARIANTS[name])
+            with VARIANTS[name](model):
+                return images_per_second(step, batch, args.seconds)
+
+        def progress(round_index: int, rates: dict[str, list[float]]) -> None:
             print(f"{side}px round {round_index + 1}/{args.rounds}: "
                   + ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()), flush=True)
-        shipped = rates["shipped"]
+
+        rates = harness.interleaved_rounds([*VARIANTS, *CHILD_VARIANTS], args.rounds, measure,
+                                           progress=progress)
         for name, values in rates.items():
-            ratio = statistics.median(v / s for v, s in zip(values, shipped))
-            lines.append(f"| {side} | {batch} | {name} | {statistics.median(values):.1f} | "
-                         f"{ratio:.3f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+            results.row(side, batch, name, f"{statistics.median(values):.1f}",
+                        f"{harness.median_ratio(values, rates['shipped']):.3f}")
+    results.write(args.out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import harness  # standard library only at import, like this script
+
 # extras that the project installs (pyproject: ray[default,tune,train])
 EXTRAS = {"ray": {"default", "tune", "train"}}
 
@@ -179,10 +181,10 @@ def cmd_trials(experiment: Path) -> int:
         rows.append((trial_dir.name, str(last.get("device", "-")), last.get("epochs_done", "-"),
                      last.get("val_accuracy", "-"), last.get("images_per_s", "-"),
                      last.get("epoch_time_s", "-"), (trial_dir / "error.txt").exists()))
-    print("| trial | device | epochs_done | val_accuracy | images_per_s | epoch_time_s | error |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n".join(harness.table("trial", "device", "epochs_done", "val_accuracy",
+                                  "images_per_s", "epoch_time_s", "error")))
     for row in rows:
-        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
+        print(harness.row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row)))
     cuda = [r for r in rows if r[1].startswith("cuda")]
     print(f"trials: {len(rows)} with results, {len(cuda)} trained on cuda")
     return 0 if rows else 1

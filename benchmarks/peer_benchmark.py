@@ -23,19 +23,16 @@ models in this process: a diagnostic of where the ratio comes from).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness
+
+sys.path.insert(0, str(harness.REPO))
 from coatnet import CoAtNet, CoAtNetWithLinearClassifier  # noqa: E402
 from coatnet.cpu_memory import keep_freed_memory  # noqa: E402
 
@@ -70,14 +67,10 @@ def build_models(side: int, device: torch.device, setup: str) -> dict[str, torch
 def rates_in_fresh_process(name: str, side: int, batch: int, setup: str,
                            args: argparse.Namespace) -> dict[str, float]:
     """Train and inference images/s of one model, measured by a child process of its own."""
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps([name, side, batch, setup]),
-         "--device", args.device, "--seconds", str(args.seconds), "--malloc", args.malloc],
-        capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"timing {name} at {side} px in a child process failed "
-                           f"(rc={out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(harness.run_child(
+        __file__, ["--child", json.dumps([name, side, batch, setup]), "--device", args.device,
+                   "--seconds", str(args.seconds), "--malloc", args.malloc],
+        what=f"timing {name} at {side} px"))
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -107,8 +100,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float) -> flo
     n = 2048 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    timer = Timer("a @ b", globals={"a": a, "b": b}, num_threads=torch.get_num_threads())
-    return 2 * n**3 / timer.blocked_autorange(min_run_time=seconds).median
+    return 2 * n**3 / harness.timer_median("a @ b", {"a": a, "b": b}, seconds)
 
 
 def conv1x1_rate(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
@@ -117,9 +109,8 @@ def conv1x1_rate(device: torch.device, dtype: torch.dtype, seconds: float) -> fl
     x = torch.randn(32, 1024, 16, 16, device=device, dtype=dtype).to(
         memory_format=torch.channels_last)
     w = torch.randn(1024, 1024, 1, 1, device=device, dtype=dtype)
-    timer = Timer("torch.nn.functional.conv2d(x, w)", globals={"x": x, "w": w, "torch": torch},
-                  num_threads=torch.get_num_threads())
-    return 2 * 32 * 16 * 16 * 1024 * 1024 / timer.blocked_autorange(min_run_time=seconds).median
+    return 2 * 32 * 16 * 16 * 1024 * 1024 / harness.timer_median(
+        "torch.nn.functional.conv2d(x, w)", {"x": x, "w": w, "torch": torch}, seconds)
 
 
 def time_steps(model: torch.nn.Module, batch: int, side: int, device: torch.device, *,
@@ -149,10 +140,8 @@ def time_steps(model: torch.nn.Module, batch: int, side: int, device: torch.devi
     for _ in range(2):
         step()
     sync = "torch.cuda.synchronize()" if device.type == "cuda" else "pass"
-    # torch.utils.benchmark.Timer runs on one thread unless told otherwise.
-    timer = Timer(f"step(); {sync}", globals={"step": step, "torch": torch},
-                  num_threads=torch.get_num_threads())
-    return batch / timer.blocked_autorange(min_run_time=seconds).median
+    return batch / harness.timer_median(f"step(); {sync}", {"step": step, "torch": torch},
+                                        seconds)
 
 
 def stages(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -179,28 +168,57 @@ def stage_times(models: dict[str, torch.nn.Module], batch: int, side: int,
                 timed[name].append((stage_name, x, stage))
                 x = stage(x)
     ms: dict[tuple[str, str], list[float]] = {}
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
     for _ in range(rounds):
         for name, items in timed.items():
             for stage_name, x, stage in items:
                 x = x.detach().requires_grad_(not stage_name.startswith("S0"))
-                for repeat in range(3):  # the first is a warm-up
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    start = time.perf_counter()
+
+                def forward_backward(stage: torch.nn.Module = stage, x: torch.Tensor = x) -> None:
                     out = stage(x)
                     out.backward(torch.ones_like(out))
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    if repeat:
-                        ms.setdefault((name, stage_name), []).append(
-                            (time.perf_counter() - start) * 1e3)
+
+                ms.setdefault((name, stage_name), []).extend(
+                    t * 1e3 for t in harness.timed_repeats(forward_backward, repeats=2,
+                                                           warmup=1, sync=sync))
                 stage.zero_grad(set_to_none=True)
     lines = []
     for stage_name, _, _ in timed[OURS]:
         ours, theirs = (statistics.median(ms[(n, stage_name)]) for n in (OURS, THEIRS))
-        lines.append(f"| {side} | {batch} | {setup} | {stage_name} | {ours:.1f} / {theirs:.1f} | "
-                     f"{theirs / ours:.2f}x |")
+        lines.append(harness.row(side, batch, setup, stage_name, f"{ours:.1f} / {theirs:.1f}",
+                                 f"{theirs / ours:.2f}x"))
     return lines
+
+
+def compare(side: int, batch: int, setup: str, device: torch.device, peaks: tuple[float, float],
+            args: argparse.Namespace) -> str:
+    """One row of the main table: both models' medians over interleaved rounds (each model in
+    a fresh process each round)."""
+    macs = {name: forward_macs(model, side, device)
+            for name, model in build_models(side, device, setup).items()}
+
+    def progress(round_index: int, results: dict[str, list[dict[str, float]]]) -> None:
+        print(f"{side}px {setup} round {round_index + 1}/{args.rounds}: " + ", ".join(
+            f"{n} {r[-1]['train']:.1f} img/s" for n, r in results.items()), flush=True)
+
+    rounds = harness.interleaved_rounds(
+        list(macs), args.rounds,
+        lambda name: rates_in_fresh_process(name, side, batch, setup, args), progress=progress)
+    results = {n: {m: [r[m] for r in per_round] for m in ("train", "infer")}
+               for n, per_round in rounds.items()}
+    med = {n: {m: statistics.median(v) for m, v in r.items()} for n, r in results.items()}
+    ours, theirs = med[OURS], med[THEIRS]
+    # Each round times both models back to back: the median of per-round ratios.
+    ratio = {m: harness.median_ratio(results[OURS][m], results[THEIRS][m])
+             for m in ("train", "infer")}
+    mfu = {n: 6 * macs[n] * med[n]["train"] for n in med}
+    peak, conv_peak = peaks
+    return harness.row(
+        side, batch, setup, f"{ours['train']:.1f} / {theirs['train']:.1f}",
+        f"**{ratio['train']:.2f}x**", f"{ours['infer']:.1f} / {theirs['infer']:.1f}",
+        f"{ratio['infer']:.2f}x", f"{macs[OURS] / 1e9:.2f} / {macs[THEIRS] / 1e9:.2f}",
+        f"{mfu[OURS] / peak:.1%} / {mfu[THEIRS] / peak:.1%} "
+        f"({mfu[OURS] / conv_peak:.1%} / {mfu[THEIRS] / conv_peak:.1%})")
 
 
 def main() -> None:
@@ -225,6 +243,7 @@ def main() -> None:
     setups = args.setups.split(",")
     if unknown := sorted(set(setups) - set(SETUPS)):
         parser.error(f"--setups: unknown {unknown}; allowed: {', '.join(SETUPS)}")
+    cases = harness.parse_cases(args.cases)
     device = torch.device(args.device)
     kept = keep_freed_memory() if args.malloc == "kept" else False
     allow_tf32(device)
@@ -232,65 +251,28 @@ def main() -> None:
 
     peak = matmul_rate(device, dtype, args.seconds)
     conv_peak = conv1x1_rate(device, dtype, args.seconds)
-    lines = [f"# Peer benchmark: CoAtNet-0, this project vs timm ({datetime.date.today()})", "",
-             f"Command: `python {' '.join(sys.argv)}`  ",
-             f"Machine: {platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}"
-             + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
-             + f"; keep_freed_memory(): {kept}  ",
-             f"Measured {str(dtype).removeprefix('torch.')} matmul rate: {peak / 1e12:.3f} TFLOP/s "
-             f"(MFU's denominator); 1x1-conv rate: {conv_peak / 1e12:.3f} TFLOP/s "
-             "(MFU vs conv in brackets)",
-             "", "| size | batch | setup | train img/s ours / timm | train ratio | "
-             "infer img/s ours / timm | infer ratio | GMACs ours / timm | "
-             "train MFU ours / timm |", "|---|---|---|---|---|---|---|---|---|"]
-    for case in args.cases.split(","):
-        side, batch = (int(v) for v in case.split(":"))
+    gpu = f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""
+    results = harness.Results.dated(
+        "Peer benchmark: CoAtNet-0, this project vs timm", script=__file__,
+        machine=f"{harness.machine()}, device {device}{gpu}; keep_freed_memory(): {kept}",
+        notes=[f"Measured {str(dtype).removeprefix('torch.')} matmul rate: "
+               f"{peak / 1e12:.3f} TFLOP/s (MFU's denominator); 1x1-conv rate: "
+               f"{conv_peak / 1e12:.3f} TFLOP/s (MFU vs conv in brackets)"])
+    results.table("size", "batch", "setup", "train img/s ours / timm", "train ratio",
+                  "infer img/s ours / timm", "infer ratio", "GMACs ours / timm",
+                  "train MFU ours / timm")
+    for side, batch in cases:
         for setup in setups:
-            macs = {name: forward_macs(model, side, device)
-                    for name, model in build_models(side, device, setup).items()}
-            results: dict[str, dict[str, list[float]]] = {n: {"train": [], "infer": []}
-                                                          for n in macs}
-            for round_index in range(args.rounds):
-                names = list(macs) if round_index % 2 == 0 else list(macs)[::-1]
-                for name in names:
-                    rates = rates_in_fresh_process(name, side, batch, setup, args)
-                    for mode, rate in rates.items():
-                        results[name][mode].append(rate)
-                print(f"{side}px {setup} round {round_index + 1}/{args.rounds}: " + ", ".join(
-                    f"{n} {r['train'][-1]:.1f} img/s" for n, r in results.items()), flush=True)
-            med = {n: {m: statistics.median(v) for m, v in r.items()}
-                   for n, r in results.items()}
-            ours, theirs = med[OURS], med[THEIRS]
-            # Each round times both models back to back: the median of per-round ratios.
-            ratio = {m: statistics.median(a / b for a, b in zip(results[OURS][m],
-                                                                results[THEIRS][m]))
-                     for m in ("train", "infer")}
-            mfu = {n: 6 * macs[n] * med[n]["train"] for n in med}
-            lines.append(
-                f"| {side} | {batch} | {setup} | {ours['train']:.1f} / {theirs['train']:.1f} | "
-                f"**{ratio['train']:.2f}x** | "
-                f"{ours['infer']:.1f} / {theirs['infer']:.1f} | "
-                f"{ratio['infer']:.2f}x | "
-                f"{macs[OURS] / 1e9:.2f} / {macs[THEIRS] / 1e9:.2f} | "
-                f"{mfu[OURS] / peak:.1%} / {mfu[THEIRS] / peak:.1%} "
-                f"({mfu[OURS] / conv_peak:.1%} / {mfu[THEIRS] / conv_peak:.1%}) |")
-            print(lines[-1], flush=True)
+            results.add(compare(side, batch, setup, device, (peak, conv_peak), args), echo=True)
     if args.per_stage:
-        lines += ["", "Per stage, forward + backward on the stage's real input (ms, medians):", "",
-                  "| size | batch | setup | stage | ms ours / timm | timm/ours |",
-                  "|---|---|---|---|---|---|"]
-        for case in args.cases.split(","):
-            side, batch = (int(v) for v in case.split(":"))
+        results.add("", "Per stage, forward + backward on the stage's real input (ms, medians):",
+                    "")
+        results.table("size", "batch", "setup", "stage", "ms ours / timm", "timm/ours")
+        for side, batch in cases:
             for setup in setups:
-                lines += stage_times(build_models(side, device, setup), batch, side, device,
-                                     setup=setup, rounds=args.rounds)
-                print("\n".join(lines[-5:]), flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+                results.add(*stage_times(build_models(side, device, setup), batch, side, device,
+                                         setup=setup, rounds=args.rounds), echo=True)
+    results.write(args.out)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,14 @@ candidate of 2026-11-27 (CCCT, depths 1-1-1-2-1, channels 32-32-48-96-128).
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness
+
+sys.path.insert(0, str(harness.REPO))
 
 DEFAULT_MODEL = dict(image_height=32, image_width=32, image_channel=1, num_classes=10,
                      num_blocks_in_layers=[1, 1, 1, 2, 1],
@@ -39,7 +39,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray.train
-    import torch
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -77,18 +76,14 @@ def main() -> None:
             ray.train.report = report
     epochs = [m for m in reported if m.get("epochs_done", 0) >= 1]
     rates = [float(m["images_per_s"]) for m in epochs]
-    text = "\n".join([
-        f"# Train-loop speed ({datetime.date.today()})", "",
-        f"Command: `python {' '.join(sys.argv)}`  ",
-        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        "1 CPU thread per trial (as the search runs it)", "",
-        f"images/s per epoch: {', '.join(f'{r:.0f}' for r in rates)}  ",
-        f"median after the first epoch: **{statistics.median(rates[1:] or rates):.0f} images/s**; "
-        f"final val_accuracy {float(epochs[-1]['val_accuracy']):.4f}", ""])
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    results = harness.Results.dated(
+        "Train-loop speed", script=__file__,
+        machine=f"{harness.machine(threads=False)}, "
+                "1 CPU thread per trial (as the search runs it)")
+    results.add(f"images/s per epoch: {', '.join(f'{r:.0f}' for r in rates)}  ",
+                f"median after the first epoch: **{statistics.median(rates[1:] or rates):.0f} "
+                f"images/s**; final val_accuracy {float(epochs[-1]['val_accuracy']):.4f}", "")
+    results.write(args.out)
 
 
 if __name__ == "__main__":

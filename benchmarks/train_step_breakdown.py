@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -25,8 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness
 
+sys.path.insert(0, str(harness.REPO))
 from coatnet import CoAtNet, CoAtNetConfig, CoAtNetWithLinearClassifier  # noqa: E402
 from coatnet.cpu_memory import keep_freed_memory  # noqa: E402
 
@@ -129,7 +128,7 @@ def report(side: int, batch: int, phases: dict[str, float], forward_times: Times
     step_ms = sum(v for k, v in phases.items() if k.startswith("plain"))
     lines = [f"## {side} px, batch {batch}: {step_ms:.0f} ms a step",
              "", "Phases (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), "",
-             "| pass | op | ms / step | share of the plain step |", "|---|---|---|---|"]
+             *harness.table("pass", "op", "ms / step", "share of the plain step")]
     by_family: Times = collections.defaultdict(float)
     for times in (forward_times, backward_times):
         for key, ms in times.items():
@@ -148,7 +147,7 @@ def report(side: int, batch: int, phases: dict[str, float], forward_times: Times
             rows.append((f"{len(ranked) - top} more kinds", sum(ms for _, ms in ranked[top:])))
         rows.append((rest[pass_name], phases[f"hooked {pass_name}"] - sum(times.values())))
         for key, ms in rows:
-            lines.append(f"| {pass_name} | {key} | {ms:.1f} | {ms / step_ms:.1%} |")
+            lines.append(harness.row(pass_name, key, f"{ms:.1f}", f"{ms / step_ms:.1%}"))
     return lines + [""]
 
 
@@ -161,19 +160,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     kept = keep_freed_memory()
-    lines = [f"# CoAtNet-0 CPU training step, time per op ({datetime.date.today()})", "",
-             f"Command: `python benchmarks/train_step_breakdown.py {' '.join(sys.argv[1:])}`  ",
-             f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch "
-             f"{torch.__version__}; keep_freed_memory(): {kept}; fused AdamW", ""]
-    for case in args.cases.split(","):
-        side, batch = (int(v) for v in case.split(":"))
+    results = harness.Results.dated(
+        "CoAtNet-0 CPU training step, time per op", script=__file__,
+        machine=f"{harness.machine()}; keep_freed_memory(): {kept}; fused AdamW")
+    for side, batch in harness.parse_cases(args.cases):
         print(f"{side} px, batch {batch} ...", flush=True)
-        lines += report(side, batch, *breakdown(side, batch, args.steps), top=args.top)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        results.add(*report(side, batch, *breakdown(side, batch, args.steps), top=args.top))
+    results.write(args.out)
 
 
 if __name__ == "__main__":

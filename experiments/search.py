@@ -4,16 +4,11 @@
 
 Runs on this machine with an embedded local Ray and a local MLflow store (sqlite:///mlflow.db);
 the same command runs on a cluster through `ray job submit` (see the README).
-Exit codes: 0 done, 1 the search failed (no trial produced a result), 2 bad input (nothing was
-started or created), 3 done but some MLflow data never reached the server (kept on disk;
-`python experiments/sync_mlflow.py EXPERIMENT_DIR` sends it), 130 interrupted (Ctrl-C): the
-state is saved and the printed command (the same --name, or --resume) continues the search.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -21,14 +16,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
-from coatnet.search.runner import SearchInputError, SearchOptions  # noqa: E402
-from coatnet.search.space import SpaceError  # noqa: E402
+from coatnet.search.errors import (  # noqa: E402
+    EXIT_BAD_INPUT,
+    EXIT_CODES,
+    EXIT_INTERRUPTED,
+    EXIT_NO_RESULT,
+    EXIT_OK,
+    EXIT_TRACKING_UNDELIVERED,
+    SearchInterrupted,
+    SpaceError,
+    exit_code_for,
+)
+from coatnet.search.plan import SearchOptions  # noqa: E402
 
 logger = logging.getLogger("coatnet.search")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
+    codes = "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items())
+    parser = argparse.ArgumentParser(description=__doc__, epilog=f"exit codes:\n{codes}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--space", required=True, type=Path, help="search-space YAML file")
     parser.add_argument("--num-samples", type=int, help="override search.num_samples")
@@ -52,8 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gpu.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None)
     gpu.add_argument("--no-gpu", dest="use_gpu", action="store_false")
     parser.add_argument("--quiet", action="store_true", help="warnings and errors only")
-    # test-only fault injection (coatnet.search.train_loop's `fault` hooks), as JSON
-    parser.add_argument("--fault", type=json.loads, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -68,13 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         if not (target / "search_state.json").is_file():
             print(f"error: --resume {args.resume}: not a search experiment directory (no "
                   "search_state.json)", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
         target = target.resolve()
         if (name and name != target.name) or (
                 storage_path and Path(storage_path).expanduser().resolve() != target.parent):
             print(f"error: --resume {args.resume} contradicts --name/--storage-path",
                   file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
         name, storage_path = target.name, str(target.parent)
     options = SearchOptions(
         space=args.space, num_samples=args.num_samples,
@@ -82,25 +86,26 @@ def main(argv: list[str] | None = None) -> int:
         storage_path=storage_path, resume=bool(args.resume), seed=args.seed,
         mlflow_uri=args.mlflow_uri, experiment_name=args.experiment_name,
         data_dir=args.data_dir, smoke_test=args.smoke_test, address=args.address,
-        use_gpu=args.use_gpu, extra_config={"fault": args.fault} if args.fault else {})
-    from coatnet.search.runner import SearchInterrupted, run_search
-    from coatnet.search.tracking import TrackingServerUnavailable
+        use_gpu=args.use_gpu)
+    from coatnet.search.runner import run_search
 
     try:
         outcome = run_search(options)
-    except SpaceError as err:
-        print(f"error: invalid search space:\n{err}", file=sys.stderr)
-        return 2
-    except (SearchInputError, TrackingServerUnavailable, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except SearchInterrupted as err:
-        print(f"\n{err}", file=sys.stderr)
-        return 130
     except KeyboardInterrupt:  # while starting up, before the search could save anything
         print(f"\n{_INTERRUPTED} {'--name ' + name + ' ' if name else ''}--resume",
               file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        code = exit_code_for(err)
+        if code is None:
+            raise  # a bug, not bad input: keep the traceback
+        if isinstance(err, SpaceError):
+            print(f"error: invalid search space:\n{err}", file=sys.stderr)
+        elif isinstance(err, SearchInterrupted):
+            print(f"\n{err}", file=sys.stderr)
+        else:
+            print(f"error: {err}", file=sys.stderr)
+        return code
 
     # The search is complete and saved: a Ctrl-C from here on (printing, Ray's shutdown at exit)
     # has nothing left to stop and must not turn a finished search into a failure.
@@ -118,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"compare trials:   mlflow ui --backend-store-uri {outcome.tracking_uri}")
     if outcome.best_value is None:
-        return 1
+        return EXIT_NO_RESULT
     if outcome.mlflow_pending:
         print(f"warning: {outcome.mlflow_pending} MLflow operation(s) did not reach "
               f"{outcome.tracking_uri}; they are kept on disk. Send them with:\n"
               f"    python experiments/sync_mlflow.py {outcome.experiment_dir}", file=sys.stderr)
-        return 3
-    return 0
+        return EXIT_TRACKING_UNDELIVERED
+    return EXIT_OK
 
 
 _INTERRUPTED = ("interrupted while starting; nothing was lost. Continue with the same command "
@@ -136,4 +141,4 @@ if __name__ == "__main__":
         sys.exit(main())
     except KeyboardInterrupt:  # Ctrl-C during the imports
         print(f"\n{_INTERRUPTED} --resume", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)

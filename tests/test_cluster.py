@@ -35,7 +35,8 @@ import yaml
 from conftest import REPO_ROOT, free_port
 
 from coatnet.search import cluster
-from coatnet.search.runner import SearchInputError
+from coatnet.search.errors import SearchInputError
+from coatnet.search.faults import FAULTS_ENV
 
 logger = logging.getLogger(__name__)
 pytestmark = pytest.mark.cluster
@@ -432,16 +433,16 @@ def test_trials_run_on_both_nodes(two_nodes: LocalRayCluster, mlflow_server: str
     # the shipped runtime env, with the storage declared shared (on one machine any path is)
     # and MLflow given through MLFLOW_TRACKING_URI instead of --mlflow-uri
     runtime_env = yaml.safe_load((REPO_ROOT / "runtime_env.yaml").read_text())
-    runtime_env["env_vars"].update({cluster.SHARED_STORAGE_ENV: "1",
-                                    "MLFLOW_TRACKING_URI": mlflow_server})
-    env_file = tmp_path / "runtime_env.yaml"
-    env_file.write_text(yaml.safe_dump(runtime_env))
     # Each epoch sleeps 2 s, so the 3 trial slots are all busy at once and the third trial
     # lands on the second node (otherwise fast trials can all run on the head's 2 CPUs).
     slow = json.dumps({"sleep_per_epoch_s": 2.0}, separators=(",", ":"))
+    runtime_env["env_vars"].update({cluster.SHARED_STORAGE_ENV: "1",
+                                    "MLFLOW_TRACKING_URI": mlflow_server, FAULTS_ENV: slow})
+    env_file = tmp_path / "runtime_env.yaml"
+    env_file.write_text(yaml.safe_dump(runtime_env))
     submission_id, _ = two_nodes.submit(
-        entrypoint=[*search_entrypoint(space, storage=tmp_path / "runs", name="two-nodes",
-                                       experiment=experiment), "--fault", slow],
+        entrypoint=search_entrypoint(space, storage=tmp_path / "runs", name="two-nodes",
+                                     experiment=experiment),
         runtime_env=env_file, working_dir=REPO_ROOT)
     status = two_nodes.wait_job(submission_id)
     logs = two_nodes.job_logs(submission_id)

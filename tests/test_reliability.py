@@ -29,6 +29,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from coatnet.search.faults import FAULTS_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 SEARCH = REPO / "experiments" / "search.py"
 SYNC = REPO / "experiments" / "sync_mlflow.py"
@@ -102,13 +104,17 @@ def assert_mlflow_consistent(uri: str, parent_run_id: str, *, trials: dict[str, 
 class Driver:
     """``experiments/search.py`` in its own process group with a private Ray temp dir."""
 
-    def __init__(self, workdir: Path, ray_tmp: Path, args: list[str], *, name: str) -> None:
+    def __init__(self, workdir: Path, ray_tmp: Path, args: list[str], *, name: str,
+                 faults: dict[str, Any] | None = None) -> None:
         self.ray_tmp = ray_tmp
         self.log_path = workdir / f"{name}.log"
         env = dict(os.environ)
         env.update(RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1",
                    RAY_DEDUP_LOGS="0")
         env.pop("RAY_ADDRESS", None)
+        env.pop(FAULTS_ENV, None)
+        if faults:
+            env[FAULTS_ENV] = json.dumps(faults)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, str(SEARCH), *args], cwd=workdir,
                                          env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -175,8 +181,8 @@ def drivers(tmp_path: Path) -> Iterator[Callable[..., Driver]]:
     # short: Ray puts unix sockets under it (108-byte limit)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rel", dir="/tmp"))
 
-    def start(args: list[str], *, name: str) -> Driver:
-        driver = Driver(tmp_path, ray_tmp, args, name=name)
+    def start(args: list[str], *, name: str, faults: dict[str, Any] | None = None) -> Driver:
+        driver = Driver(tmp_path, ray_tmp, args, name=name, faults=faults)
         started.append(driver)
         return driver
 
@@ -246,10 +252,10 @@ def test_sigkill_driver_then_resume(drivers, tmp_path: Path, mlflow_server: str)
     n, epochs = 4, 3
     space = write_space(tmp_path, num_samples=n, epochs=epochs)
     args = ["--space", str(space), "--name", "killed", "--storage-path", str(tmp_path / "runs"),
-            "--mlflow-uri", mlflow_server, "--experiment-name", "rel-sigkill",
-            "--fault", json.dumps({"sleep_per_epoch_s": 1.0})]
+            "--mlflow-uri", mlflow_server, "--experiment-name", "rel-sigkill"]
+    slow = {"sleep_per_epoch_s": 1.0}
     experiment = tmp_path / "runs" / "killed"
-    first = drivers(args, name="first")
+    first = drivers(args, name="first", faults=slow)
 
     # Tune saves its experiment state every few seconds: slow epochs keep the window in which
     # some but not all trials are finished wide enough to be seen.
@@ -267,7 +273,7 @@ def test_sigkill_driver_then_resume(drivers, tmp_path: Path, mlflow_server: str)
     client = MlflowClient(mlflow_server)
     assert client.get_run(state["parent_run_id"]).info.status == "RUNNING"  # orphaned
 
-    second = drivers([*args, "--resume"], name="second")
+    second = drivers([*args, "--resume"], name="second", faults=slow)
     assert second.wait(240) == 0, second.log()[-4000:]
     rows = leaderboard(experiment)
     trial_ids = [r["trial_id"] for r in rows]
@@ -292,14 +298,15 @@ def test_three_sigints_with_resumes(drivers, tmp_path: Path, mlflow_server: str)
     rng = random.Random(int(os.environ.get("COATNET_FAULT_SEED", "7")))
     space = write_space(tmp_path, num_samples=n, epochs=epochs)
     args = ["--space", str(space), "--name", "ctrlc", "--storage-path", str(tmp_path / "runs"),
-            "--mlflow-uri", mlflow_server, "--experiment-name", "rel-sigint",
-            "--fault", json.dumps({"sleep_per_epoch_s": 0.3})]
+            "--mlflow-uri", mlflow_server, "--experiment-name", "rel-sigint"]
+    slow = {"sleep_per_epoch_s": 0.3}
     experiment = tmp_path / "runs" / "ctrlc"
     client = MlflowClient(mlflow_server)
     interrupts = 0
     for attempt in range(8):
         resume = (experiment / "search_state.json").exists()  # else the same --name restarts
-        driver = drivers([*args, "--resume"] if resume else args, name=f"run{attempt}")
+        driver = drivers([*args, "--resume"] if resume else args, name=f"run{attempt}",
+                         faults=slow)
         if interrupts < 3:
             # a random point: during start-up (imports, Ray, restore) or while trials train
             reported = sum(len(r) for r in results_by_trial(experiment).values())
@@ -349,8 +356,8 @@ def test_three_sigints_with_resumes(drivers, tmp_path: Path, mlflow_server: str)
                              trials={t: epochs for t in trial_ids})
 
 
-def test_raising_killed_and_failing_trials(ray_local, tmp_path: Path,
-                                           mlflow_server: str) -> None:
+def test_raising_killed_and_failing_trials(ray_local, tmp_path: Path, mlflow_server: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A trial raising at epoch 2 resumes from epoch 1's checkpoint; a worker SIGKILLed at
     epoch 3 (an OOM kill) is restarted by Tune from epoch 2's; a trial that always raises ends
     as failed; the search goes on, one MLflow run per trial."""
@@ -360,13 +367,13 @@ def test_raising_killed_and_failing_trials(ray_local, tmp_path: Path,
     fault = {"raise_at_epoch": 2, "marker": str(tmp_path / "raised"),
              "kill_at_epoch": 3, "kill_marker": str(tmp_path / "killed"),
              "raise_always_if_lr": 0.01}
+    monkeypatch.setenv(FAULTS_ENV, json.dumps(fault))
     outcome = run_search(SearchOptions(space=space, storage_path=str(tmp_path / "runs"),
                                        name="faults", mlflow_uri=mlflow_server,
-                                       experiment_name="rel-faults",
-                                       extra_config={"fault": fault}))
+                                       experiment_name="rel-faults"))
     assert (tmp_path / "raised").exists() and (tmp_path / "killed").exists()
     statuses = {r.trial_id: r.status for r in outcome.rows}
-    lrs = {r.trial_id: r.candidate["hparams"]["lr"] for r in outcome.rows}
+    lrs = {r.trial_id: r.candidate.hparams.lr for r in outcome.rows}
     assert len(statuses) == 4
     assert {t for t, s in statuses.items() if s == "failed"} == \
         {t for t, lr in lrs.items() if lr == 0.01}, (statuses, lrs)
@@ -403,6 +410,7 @@ def test_mlflow_server_restarted_mid_search(ray_local, tmp_path: Path,
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"sleep_per_epoch_s": 0.5}))
     server = mlflow_server_factory("restarted")
     space = write_space(tmp_path, num_samples=2, epochs=4)
     experiment = tmp_path / "runs" / "outage"
@@ -429,8 +437,7 @@ def test_mlflow_server_restarted_mid_search(ray_local, tmp_path: Path,
     caplog.set_level(logging.WARNING, logger="coatnet.search.tracking")
     outcome = run_search(SearchOptions(space=space, storage_path=str(tmp_path / "runs"),
                                        name="outage", mlflow_uri=server.uri,
-                                       experiment_name="rel-outage",
-                                       extra_config={"fault": {"sleep_per_epoch_s": 0.5}}))
+                                       experiment_name="rel-outage"))
     thread.join(timeout=60)
     assert events == ["stopped", "restarted"]
     assert outcome.mlflow_pending == 0
@@ -533,7 +540,7 @@ def test_corrupted_checkpoint_in_a_real_trial(ray_local, tmp_path: Path) -> None
 
     marker = tmp_path / "fired"
     config = trial_config(epochs=3, max_failures=1,
-                          fault={"raise_at_epoch": 3, "marker": str(marker),
+                          faults={"raise_at_epoch": 3, "marker": str(marker),
                                  "truncate_latest_checkpoint": True})
     result = run_tune(tmp_path, config)
     assert result.error is None and marker.exists()
@@ -583,8 +590,9 @@ def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("case", ["resume_dir", "storage_file", "data_dir", "name_taken",
-                                  "bad_ray_address"])
-def test_bad_cli_input_fails_fast_and_creates_nothing(tmp_path: Path, case: str) -> None:
+                                  "bad_ray_address", "ftp_tracking_uri", "unreachable_bucket"])
+def test_bad_cli_input_fails_fast_and_creates_nothing(tmp_path: Path, case: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     space = write_space(tmp_path, num_samples=2)
     extra: list[str]
     expected: str
@@ -600,6 +608,13 @@ def test_bad_cli_input_fails_fast_and_creates_nothing(tmp_path: Path, case: str)
         (tmp_path / "ray_results" / "taken").mkdir(parents=True)
         (tmp_path / "ray_results" / "taken" / "notes.txt").write_text("mine")
         extra, expected = ["--name", "taken"], "is not a search experiment"
+    elif case == "ftp_tracking_uri":
+        extra, expected = ["--mlflow-uri", "ftp://x"], "unsupported tracking URI scheme 'ftp'"
+    elif case == "unreachable_bucket":
+        # the driver-side state of a bucket search would go here: it must stay empty too
+        monkeypatch.setenv("COATNET_STATE_DIR", str(tmp_path / "state"))
+        extra = ["--storage-path", "s3://a-bucket-that-cannot-be-reached/x"]
+        expected = "--storage-path s3://a-bucket-that-cannot-be-reached/x: cannot reach"
     else:
         from conftest import free_port
 
@@ -609,5 +624,8 @@ def test_bad_cli_input_fails_fast_and_creates_nothing(tmp_path: Path, case: str)
     proc = _cli(tmp_path, "--space", str(space), *extra)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert expected in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr[-2000:]
     assert time.monotonic() - start < 60
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before

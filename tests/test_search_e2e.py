@@ -96,12 +96,12 @@ def test_every_trial_is_accounted_for(finished_search) -> None:
 def test_a_diverging_trial_ends_as_diverged_and_the_others_finish(finished_search) -> None:
     outcome, _ = finished_search
     feasible = [r for r in outcome.rows if r.status != "infeasible"]
-    diverged = [r for r in feasible if r.candidate["hparams"]["lr"] == 1e30]
+    diverged = [r for r in feasible if r.candidate.hparams.lr == 1e30]
     assert diverged, "seed 3 samples lr=1e30 for a feasible candidate"
     for row in diverged:
         assert row.status == "diverged" and row.best_value is None
         assert row.epochs_done == 1  # ended at once, in the first epoch
-    sane = [r for r in feasible if r.candidate["hparams"]["lr"] < 1]
+    sane = [r for r in feasible if r.candidate.hparams.lr < 1]
     assert sane and all(r.status in ("completed", "early-stopped") for r in sane)
     assert all(r.best_value is not None and 0 <= r.best_value <= 1 for r in sane)
 
@@ -111,13 +111,13 @@ def test_infeasible_candidates_never_train(finished_search) -> None:
     infeasible = [r for r in outcome.rows if r.status == "infeasible"]
     assert infeasible, "the space's s4=256 choice is over max_params; some samples must hit it"
     for row in infeasible:
-        assert row.candidate["model"]["num_channels_in_layers"][4] == 256
-        assert "params" in row.candidate["infeasible_reason"]
+        assert row.candidate.model["num_channels_in_layers"][4] == 256
+        assert "params" in row.candidate.infeasible_reason
         assert row.epochs_done == 0 and row.checkpoint is None
         trial_dir = outcome.experiment_dir / f"trial_{row.trial_id}"
         assert not list(trial_dir.glob("checkpoint_*"))
     feasible = [r for r in outcome.rows if r.status != "infeasible"]
-    assert all(r.candidate["model"]["num_channels_in_layers"][4] == 32 for r in feasible)
+    assert all(r.candidate.model["num_channels_in_layers"][4] == 32 for r in feasible)
 
 
 def test_mlflow_has_one_parent_and_a_nested_child_per_trial(finished_search) -> None:

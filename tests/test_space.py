@@ -30,7 +30,7 @@ from coatnet.search.space import (
     dataset_facts,
     load_space,
 )
-from coatnet.search.strict_yaml import StrictYAMLError, load_yaml
+from coatnet.search.space.strict_yaml import StrictYAMLError, load_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -120,10 +120,10 @@ def test_infeasible_budget_states_the_true_minimum(tmp_path: Path) -> None:
 
 def test_budget_that_only_fails_jointly_is_reported(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import coatnet.search.space as space_module
+    import coatnet.search.space.feasibility as feasibility
 
     fake = {"CCCC": (100, 9000), "TTTT": (9000, 100)}  # a params/MACs trade-off
-    monkeypatch.setattr(space_module, "_complexity",
+    monkeypatch.setattr(feasibility, "_complexity",
                         lambda cfg: fake["".join(cfg.block_type_in_layers)])
     text = BASE.replace("layout: CCTT", "layout: {type: categorical, choices: [CCCC, TTTT]}")
     text = text.replace("s1: 16, s2: 32", "s1: 32, s2: 32")
@@ -297,7 +297,7 @@ def test_define_by_run_yields_valid_candidates() -> None:
         candidate = out["candidate"]
         _check_candidate(space, trial, candidate)
         assert all("/" not in name for name in trial.params)
-        assert space.candidate_from_params(trial.params) == candidate
+        assert space.candidate_from_params(trial.params).to_dict() == candidate
         feasible += candidate["infeasible_reason"] is None
         if candidate["model"] is not None:
             layouts.add("".join(candidate["model"]["block_type_in_layers"]))
@@ -397,7 +397,7 @@ def test_constraint_reaches_the_real_trial_through_rays_captor() -> None:
     candidate = space.define_by_run(captor)["candidate"]
     assert trial.user_attrs["constraint"] == study.trials[0].user_attrs["constraint"]
     assert captor.captured_values == trial.params
-    assert space.candidate_from_params(captor.captured_values) == candidate
+    assert space.candidate_from_params(captor.captured_values).to_dict() == candidate
 
 
 def test_space_pickles_with_its_sampler() -> None:
@@ -407,7 +407,8 @@ def test_space_pickles_with_its_sampler() -> None:
     assert clone.sha256 == space.sha256 and clone.model == space.model
     study = optuna.create_study()
     trial = study.ask()
-    assert clone.define_by_run(trial)["candidate"] == space.candidate_from_params(trial.params)
+    assert clone.define_by_run(trial)["candidate"] == \
+        space.candidate_from_params(trial.params).to_dict()
 
 
 # ---------------------------------------------------------------------------- variants

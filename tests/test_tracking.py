@@ -196,6 +196,37 @@ def test_candidate_params_flatten_truncate_and_drop_secrets() -> None:
     assert not any("token" in k or "password" in k for k in params)
 
 
+def test_open_operations_read_the_candidate_contract(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """What an open journals (no server needed): params from the candidate's dict form, its
+    static metrics and infeasible reason from the Candidate; a candidate that breaks the
+    contract is tracked without those, with a warning, instead of failing the driver."""
+    state_path = tmp_path / "state.json"
+    callback = MLflowTrackingCallback(tracking_uri="http://127.0.0.1:9", parent_run_id="P",
+                                      experiment_id="0", state_path=state_path, max_epochs=2,
+                                      retry_max_s=0.2)  # a dead port: the journal keeps all
+    broken = {"model": {"x": 1}, "hparams": {"lr": 0.01}, "params": 10, "macs": 20}
+    trials = [FakeTrial("c1", {"candidate": _candidate("ok")}),
+              FakeTrial("c2", {"candidate": _candidate(None)}),
+              FakeTrial("c3", {"candidate": broken})]
+    caplog.set_level(logging.WARNING, logger="coatnet.search.tracking")
+    for trial in trials:
+        callback.on_trial_start(iteration=0, trials=trials, trial=trial)
+    callback.stop()
+    ops = {op["trial_id"]: op for op in tracking.read_pending(state_path)}
+    assert ops["c1"]["metrics"] == {"params": 12345.0, "macs": 67890.0}
+    assert ops["c1"]["tags"] == {"tune_trial_id": "c1", "status": "running"}
+    assert ops["c1"]["params"]["candidate.model.test_case"] == "ok"
+    assert ops["c2"]["params"]["candidate.model"] == "None"
+    assert ops["c2"]["params"]["candidate.hparams.warmup_epochs"] == "1"
+    assert ops["c2"]["tags"]["infeasible_reason"] == "params 9e9 > budget 1e6"
+    assert ops["c2"]["metrics"] == {}
+    assert ops["c3"]["params"] == {"candidate.model.x": "1", "candidate.hparams.lr": "0.01"}
+    assert ops["c3"]["metrics"] == {}
+    assert any("c3" in r.getMessage() and "Candidate contract" in r.getMessage()
+               for r in caplog.records)
+
+
 # --------------------------------------------------------------------------- real Tune runs
 
 

@@ -35,7 +35,7 @@ def loop_config(tmp_path: Path, *, epochs: int = 2, **extra: Any) -> dict[str, A
         "trial": dict(epochs=epochs, num_workers=1, use_gpu=False, cpus_per_worker=1,
                       max_failures=0, num_data_workers=0, compile=False, keep_checkpoints=1),
         "seed": 0,
-        "report_extra": {"macs": 42},
+        "macs": 42,
         "runtime": {"report_to": "train", "local_checkpoint_dir": str(tmp_path / "ckpt")},
     }
     config.update(extra)
@@ -89,7 +89,7 @@ def test_loop_resumes_at_next_epoch(tmp_path: Path) -> None:
 
 
 def test_nan_loss_ends_the_trial_as_diverged(tmp_path: Path) -> None:
-    result = fit_local(loop_config(tmp_path, epochs=5, fault={"nan_loss_at_epoch": 1}))
+    result = fit_local(loop_config(tmp_path, epochs=5, faults={"nan_loss_at_epoch": 1}))
     metrics = result.metrics
     assert metrics["status"] == "diverged"
     assert metrics["epochs_done"] == 1
@@ -100,7 +100,7 @@ def test_nan_loss_ends_the_trial_as_diverged(tmp_path: Path) -> None:
 
 def test_raise_at_epoch_fires_once(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
-    config = loop_config(tmp_path, epochs=2, fault={"raise_at_epoch": 2, "marker": str(marker)})
+    config = loop_config(tmp_path, epochs=2, faults={"raise_at_epoch": 2, "marker": str(marker)})
     with pytest.raises(Exception, match="injected fault at epoch 2"):
         fit_local(config)
     assert marker.exists()

@@ -33,7 +33,7 @@ HPARAMS = dict(lr=3e-3, weight_decay=0.01, label_smoothing=0.1, batch_size=32, w
 
 
 def trial_config(*, epochs: int = 3, num_workers: int = 1, cpus: float = 1.0,
-                 max_failures: int = 0, fault: dict[str, Any] | None = None,
+                 max_failures: int = 0, faults: dict[str, Any] | None = None,
                  infeasible: str | None = None) -> dict[str, Any]:
     config: dict[str, Any] = {
         "candidate": {"model": None if infeasible else MODEL, "hparams": HPARAMS,
@@ -44,8 +44,8 @@ def trial_config(*, epochs: int = 3, num_workers: int = 1, cpus: float = 1.0,
                       compile=False, keep_checkpoints=2),
         "metric": "val_accuracy", "mode": "max", "seed": 0,
     }
-    if fault:
-        config["fault"] = fault
+    if faults:
+        config["faults"] = faults
     return config
 
 
@@ -115,7 +115,7 @@ def test_infeasible_candidate_never_trains(ray_local, tmp_path) -> None:
 
 
 def test_nan_loss_reports_diverged(ray_local, tmp_path) -> None:
-    result = run_tune(tmp_path, trial_config(epochs=4, fault={"nan_loss_at_epoch": 2}))
+    result = run_tune(tmp_path, trial_config(epochs=4, faults={"nan_loss_at_epoch": 2}))
     assert result.error is None
     assert epochs_reported(result) == [1, 2]
     last = result.metrics
@@ -127,7 +127,7 @@ def test_nan_loss_reports_diverged(ray_local, tmp_path) -> None:
 def test_in_process_fault_resumes_from_checkpoint(ray_local, tmp_path) -> None:
     marker = tmp_path / "fired"
     config = trial_config(epochs=3, max_failures=1,
-                          fault={"raise_at_epoch": 2, "marker": str(marker)})
+                          faults={"raise_at_epoch": 2, "marker": str(marker)})
     result = run_tune(tmp_path, config)
     assert result.error is None
     assert marker.exists()
@@ -139,7 +139,7 @@ def test_in_process_fault_resumes_from_checkpoint(ray_local, tmp_path) -> None:
 def test_worker_group_ddp_trial_reports_and_resumes(ray_local, tmp_path) -> None:
     marker = tmp_path / "fired"
     config = trial_config(epochs=3, num_workers=2, cpus=0.5, max_failures=1,
-                          fault={"raise_at_epoch": 2, "marker": str(marker)})
+                          faults={"raise_at_epoch": 2, "marker": str(marker)})
     start = time.monotonic()
     result = run_tune(tmp_path, config)
     assert result.error is None

@@ -14,12 +14,14 @@ import logging
 import os
 import re
 import socket
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from coatnet.search.runner import SearchInputError
+from coatnet.search.contracts import TrialSettings
+from coatnet.search.errors import SearchInputError
 
 logger = logging.getLogger("coatnet.search")
 
@@ -30,6 +32,7 @@ RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job superviso
 DEFAULT_GCS_PORT = 6379
 DEFAULT_CLIENT_PORT = 10001
 CONNECT_TIMEOUT_S = 5.0
+STORAGE_PROBE_TIMEOUT_S = 20.0
 # Filesystems every node can mount at the same path; a local path on one of them is shared.
 SHARED_FS_TYPES = frozenset({
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "cephfs",
@@ -69,6 +72,41 @@ def state_root_for(uri: str) -> Path:
     parts = [p for p in (parsed.netloc + "/" + parsed.path).split("/") if p not in ("", ".", "..")]
     safe = [re.sub(r"[^A-Za-z0-9._-]", "_", p) for p in parts]
     return base.joinpath(parsed.scheme, *safe)
+
+
+def check_remote_storage(uri: str, *, timeout_s: float = STORAGE_PROBE_TIMEOUT_S) -> None:
+    """Refuse a bucket this machine cannot reach, before Ray starts.
+
+    Tune opens the storage only after Ray is up, and an unreachable bucket then ends in a
+    pyarrow traceback (S3 resolves the bucket's region first; GCS retries for minutes). The
+    probe opens the filesystem and stats the path in a daemon thread, for at most
+    ``timeout_s``; a path that does not exist yet is fine (Tune creates it).
+    """
+    outcome: dict[str, BaseException | None] = {}
+
+    def probe() -> None:
+        try:
+            import pyarrow.fs
+
+            filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+            filesystem.get_file_info(path)
+        except BaseException as err:  # noqa: BLE001 - reported below as bad input
+            outcome["error"] = err
+        else:
+            outcome["error"] = None
+
+    thread = threading.Thread(target=probe, name="storage-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if "error" in outcome and outcome["error"] is None:
+        return
+    error = outcome.get("error")
+    why = (str(error).strip().splitlines() or [type(error).__name__])[0][:300] \
+        if error is not None else f"no answer within {timeout_s:.0f} s"
+    raise SearchInputError(
+        f"--storage-path {uri}: cannot reach this storage ({why}). Check the bucket name, the "
+        "network and the credentials (AWS_* variables, GOOGLE_APPLICATION_CREDENTIALS, ...), "
+        "or use a local or mounted path")
 
 
 def tune_storage_path(raw: str | None, *, local_root: Path) -> str:
@@ -252,7 +290,8 @@ def alive_node_count() -> int:
 # --------------------------------------------------------------------------- concurrency
 
 
-def default_concurrency(trial: Mapping[str, Any], resources: Mapping[str, float]) -> int:
+def default_concurrency(trial: TrialSettings | Mapping[str, Any],
+                        resources: Mapping[str, float]) -> int:
     """How many trials fit the cluster at once: GPUs (or CPUs) / what one trial needs.
 
     A GPU search on a cluster without GPUs still gets 1 (an autoscaler may add GPU nodes) and a
@@ -260,14 +299,16 @@ def default_concurrency(trial: Mapping[str, Any], resources: Mapping[str, float]
     """
     from coatnet.search.trial import DRIVER_CPU, IN_PROCESS, execution_mode
 
-    workers = int(trial.get("num_workers") or 1)
-    if trial.get("use_gpu"):
+    if not isinstance(trial, TrialSettings):
+        trial = TrialSettings.from_dict(trial)
+    workers = int(trial.num_workers or 1)
+    if trial.use_gpu:
         have = float(resources.get("GPU", 0.0))
         if have < workers:
             logger.warning("the Ray cluster has %g GPU(s) but a trial needs %d; trials wait "
                            "until GPU nodes join (autoscaler) or pass --no-gpu", have, workers)
         return max(1, int(have // workers))
-    per_trial = workers * float(trial.get("cpus_per_worker") or 1)
+    per_trial = workers * float(trial.cpus_per_worker or 1)
     if execution_mode(trial) != IN_PROCESS:
         per_trial += DRIVER_CPU
     return max(1, int(float(resources.get("CPU", 1.0)) // per_trial))

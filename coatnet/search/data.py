@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from coatnet.search.checkpoints import atomic_write_bytes
+from coatnet.search.errors import DataNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +64,6 @@ class DatasetInfo:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
-
-
-class DataNotFoundError(ValueError):
-    """The dataset files are not where the config says (a ValueError: it is bad input)."""
 
 
 class TensorImageDataset(Dataset):

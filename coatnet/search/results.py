@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from coatnet.search.contracts import Candidate
+
 STATUSES = ("completed", "early-stopped", "diverged", "failed", "infeasible")
 
 
@@ -36,13 +38,18 @@ class LeaderboardRow:
     epochs_done: int
     params: int | None
     macs: int | None
-    candidate: dict[str, Any]
+    candidate: Candidate | None  # None only for a trial Tune never gave a config
     checkpoint: str | None
     error: str | None = None
 
+    @property
+    def model(self) -> Mapping[str, Any]:
+        """The candidate's ``CoAtNetConfig`` dict ({} when infeasible)."""
+        return (self.candidate.model if self.candidate else None) or {}
+
     def as_csv_row(self, metric: str) -> dict[str, Any]:
-        model = self.candidate.get("model") or {}
-        hparams = self.candidate.get("hparams") or {}
+        model = self.model
+        hparams = self.candidate.hparams.to_dict() if self.candidate else {}
         return {
             "trial_id": self.trial_id, "status": self.status, f"best_{metric}": self.best_value,
             "epochs_done": self.epochs_done, "params": self.params, "macs": self.macs,
@@ -54,7 +61,7 @@ class LeaderboardRow:
             **{k: hparams.get(k) for k in ("lr", "weight_decay", "label_smoothing",
                                            "batch_size", "warmup_epochs")},
             **{k: model.get(k) for k in ("ff_dropout", "attention_dropout", "path_dropout")},
-            "infeasible_reason": self.candidate.get("infeasible_reason") or "",
+            "infeasible_reason": (self.candidate and self.candidate.infeasible_reason) or "",
             "checkpoint": self.checkpoint or "", "error": self.error or "",
         }
 
@@ -95,12 +102,15 @@ def leaderboard(result_grid: Any, *, metric: str, mode: str,
                 best_checkpoint = pick(scored, key=lambda item: item[1])[0].path
         if best_checkpoint is None and result.checkpoint is not None:
             best_checkpoint = result.checkpoint.path
-        candidate = dict((result.config or {}).get("candidate") or {})
+        raw = (result.config or {}).get("candidate")
+        candidate = Candidate.from_dict(raw) if raw else None
         rows.append(LeaderboardRow(
             trial_id=str(trial_id), status=status,
             best_value=None if status in ("infeasible", "diverged") else _best_of(history, mode),
-            epochs_done=int(last.get("epochs_done") or 0), params=candidate.get("params"),
-            macs=candidate.get("macs"), candidate=candidate, checkpoint=best_checkpoint,
+            epochs_done=int(last.get("epochs_done") or 0),
+            params=candidate.params if candidate else None,
+            macs=candidate.macs if candidate else None, candidate=candidate,
+            checkpoint=best_checkpoint,
             error=None if result.error is None else str(result.error).splitlines()[0][:300]))
     sign = -1.0 if mode == "max" else 1.0
     return sorted(rows, key=lambda r: (r.best_value is None,
@@ -120,8 +130,8 @@ def write_leaderboard(rows: list[LeaderboardRow], path: Path, *, metric: str) ->
 def write_best_config(row: LeaderboardRow, path: Path, *, metric: str) -> None:
     """``CoAtNetConfig.from_yaml(path)`` turns this file back into the model."""
     document = {
-        "model": row.candidate.get("model"),
-        "hparams": row.candidate.get("hparams"),
+        "model": dict(row.model) or None,
+        "hparams": row.candidate.hparams.to_dict() if row.candidate else None,
         "result": {"trial_id": row.trial_id, metric: row.best_value,
                    "epochs_done": row.epochs_done, "params": row.params, "macs": row.macs,
                    "checkpoint": row.checkpoint},
@@ -135,7 +145,7 @@ def format_leaderboard(rows: list[LeaderboardRow], *, metric: str, limit: int = 
              f"{'params':>9} {'MMACs':>8}  layout depths / channels"
     lines = [header, "-" * len(header)]
     for rank, row in enumerate(rows[:limit], start=1):
-        model = row.candidate.get("model") or {}
+        model = row.model
         value = "-" if row.best_value is None else f"{row.best_value:.4f}"
         params = "-" if row.params is None else f"{row.params / 1e6:.2f}M"
         macs = "-" if row.macs is None else f"{row.macs / 1e6:.1f}"
@@ -147,6 +157,28 @@ def format_leaderboard(rows: list[LeaderboardRow], *, metric: str, limit: int = 
     if len(rows) > limit:
         lines.append(f"... {len(rows) - limit} more in leaderboard.csv")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ResultFiles:
+    """Where ``export`` wrote the outcome, and the best row (None when no trial has a value)."""
+
+    leaderboard_csv: Path
+    best_config_yaml: Path | None
+    best: LeaderboardRow | None
+
+
+def export(rows: list[LeaderboardRow], experiment_dir: Path, *, metric: str) -> ResultFiles:
+    """``leaderboard.csv`` and (when a trial has a value) ``best_config.yaml``."""
+    leaderboard_csv = experiment_dir / "leaderboard.csv"
+    write_leaderboard(rows, leaderboard_csv, metric=metric)
+    best = next((r for r in rows if r.best_value is not None), None)
+    best_config_yaml = None
+    if best is not None:
+        best_config_yaml = experiment_dir / "best_config.yaml"
+        write_best_config(best, best_config_yaml, metric=metric)
+    return ResultFiles(leaderboard_csv=leaderboard_csv, best_config_yaml=best_config_yaml,
+                       best=best)
 
 
 def status_counts(rows: list[LeaderboardRow]) -> dict[str, int]:

@@ -19,6 +19,7 @@ Two execution modes, picked from the trial settings (``execution_mode``):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -31,7 +32,11 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from coatnet.search.train_loop import DIVERGED_LOSS, train_loop_per_worker
+from coatnet.search.contracts import (REPORT_TO_TRAIN, REPORT_TO_TUNE, STATUS_INFEASIBLE,
+                                      Candidate, EpochReport, LoopConfig, LoopRuntime,
+                                      TrialSettings)
+from coatnet.search.faults import CONFIG_KEY as FAULTS_CONFIG_KEY
+from coatnet.search.train_loop import DIVERGED_LOSS, node_id, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +46,6 @@ DRIVER_CPU = 0.01  # what a worker-group trial's driver function reserves
 _DONE = "__coatnet_train_done__"
 _QUEUE_POLL_S = 1.0
 _ABORT_TIMEOUT_S = 30.0
-
-_TRIAL_DEFAULTS: dict[str, Any] = {
-    "epochs": 1, "num_workers": 1, "use_gpu": False, "cpus_per_worker": 1, "max_failures": 0,
-    "num_data_workers": 0, "compile": False, "keep_checkpoints": 2,
-}
-
 
 def recommended_env_vars() -> dict[str, str]:
     """Ray Train settings that cut a worker group's start and stop latency.
@@ -69,22 +68,19 @@ def apply_recommended_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def trial_settings(trial: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The trial section with defaults filled in."""
-    merged = dict(_TRIAL_DEFAULTS)
-    merged.update({k: v for k, v in (trial or {}).items() if v is not None})
-    return merged
+def _settings(trial: TrialSettings | Mapping[str, Any] | None) -> TrialSettings:
+    return trial if isinstance(trial, TrialSettings) else TrialSettings.from_dict(trial)
 
 
-def execution_mode(trial: Mapping[str, Any] | None) -> str:
+def execution_mode(trial: TrialSettings | Mapping[str, Any] | None) -> str:
     """``in_process`` for one CPU worker, ``worker_group`` for several workers or GPUs."""
-    settings = trial_settings(trial)
-    if int(settings["num_workers"]) <= 1 and not settings["use_gpu"]:
+    settings = _settings(trial)
+    if int(settings.num_workers) <= 1 and not settings.use_gpu:
         return IN_PROCESS
     return WORKER_GROUP
 
 
-def trial_resources(trial: Mapping[str, Any] | None) -> dict[str, float]:
+def trial_resources(trial: TrialSettings | Mapping[str, Any] | None) -> dict[str, float]:
     """What the runner passes to ``tune.with_resources(run_trial, ...)``.
 
     In-process trials train in the Tune actor, so it reserves the worker's CPUs (and GPU). A
@@ -92,37 +88,31 @@ def trial_resources(trial: Mapping[str, Any] | None) -> dict[str, float]:
     CPU, so that the workers' own placement group gets the cores (two one-core trials run at
     once on a two-core machine).
     """
-    settings = trial_settings(trial)
+    settings = _settings(trial)
     if execution_mode(settings) == IN_PROCESS:
-        return {"cpu": float(settings["cpus_per_worker"]), "gpu": 0.0}
+        return {"cpu": float(settings.cpus_per_worker), "gpu": 0.0}
     return {"cpu": DRIVER_CPU, "gpu": 0.0}
 
 
-def build_loop_config(config: Mapping[str, Any]) -> dict[str, Any]:
+def build_loop_config(config: Mapping[str, Any], candidate: Candidate | None = None,
+                      ) -> LoopConfig:
     """The Tune trial config (docs/design.md) -> the per-worker loop config."""
-    candidate = config["candidate"]
-    trial = trial_settings(config.get("trial"))
-    loop = {
-        "model": dict(candidate["model"]),
-        "hparams": dict(candidate["hparams"]),
-        "data": dict(config["data"]),
-        "trial": trial,
-        "seed": int(config.get("seed", trial.get("seed", config["data"].get("seed", 0)))),
-        "report_extra": {"macs": candidate.get("macs")},
-    }
-    if config.get("fault"):
-        loop["fault"] = dict(config["fault"])
-    return loop
+    candidate = candidate or Candidate.from_dict(config["candidate"])
+    if candidate.model is None:
+        raise ValueError("candidate.model is None: an infeasible candidate never trains")
+    data = dict(config["data"])
+    return LoopConfig(model=dict(candidate.model), hparams=candidate.hparams, data=data,
+                      trial=_settings(config.get("trial")),
+                      seed=int(config.get("seed", data.get("seed", 0))), macs=candidate.macs,
+                      faults=config.get(FAULTS_CONFIG_KEY) or None)
 
 
-def _infeasible_metrics(candidate: Mapping[str, Any]) -> dict[str, Any]:
-    from coatnet.search.train_loop import _node_id
-
-    return {"train_loss": DIVERGED_LOSS, "val_loss": DIVERGED_LOSS, "val_accuracy": 0.0,
-            "epochs_done": 0, "images_per_s": 0.0, "epoch_time_s": 0.0,
-            "status": "infeasible", "params": candidate.get("params"),
-            "macs": candidate.get("macs"), "node_id": _node_id(), "device": "none",
-            "infeasible_reason": str(candidate["infeasible_reason"])}
+def _infeasible_report(candidate: Candidate) -> dict[str, Any]:
+    return EpochReport(train_loss=DIVERGED_LOSS, val_loss=DIVERGED_LOSS, val_accuracy=0.0,
+                       epochs_done=0, images_per_s=0.0, epoch_time_s=0.0,
+                       status=STATUS_INFEASIBLE, params=candidate.params, macs=candidate.macs,
+                       node_id=node_id(), device="none",
+                       infeasible_reason=str(candidate.infeasible_reason)).to_metrics()
 
 
 # ---------------------------------------------------------------------------------- trainable
@@ -130,14 +120,14 @@ def run_trial(config: dict[str, Any]) -> None:
     """Tune function trainable: train one candidate, or report it infeasible at once."""
     import ray.tune
 
-    candidate = config["candidate"]
-    if candidate.get("infeasible_reason"):
-        logger.info("infeasible candidate, not training: %s", candidate["infeasible_reason"])
-        ray.tune.report(_infeasible_metrics(candidate))
+    candidate = Candidate.from_dict(config["candidate"])
+    if not candidate.feasible:
+        logger.info("infeasible candidate, not training: %s", candidate.infeasible_reason)
+        ray.tune.report(_infeasible_report(candidate))
         return
     apply_recommended_env()
-    loop_config = build_loop_config(config)
-    if execution_mode(loop_config["trial"]) == IN_PROCESS:
+    loop_config = build_loop_config(config, candidate)
+    if execution_mode(loop_config.trial) == IN_PROCESS:
         _run_in_process(loop_config)
     else:
         _run_worker_group(loop_config)
@@ -149,13 +139,12 @@ def _trial_id() -> str:
     return ray.tune.get_context().get_trial_id()
 
 
-def _run_in_process(loop_config: dict[str, Any]) -> None:
+def _run_in_process(loop_config: LoopConfig) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     started_at = time.time()
-    trial = loop_config["trial"]
-    max_failures = int(trial["max_failures"])
+    max_failures = int(loop_config.trial.max_failures)
     trial_id = _trial_id()
     # private (0700, unguessable): run_trial only ever resumes from checkpoints it wrote here
     local_dir = Path(tempfile.mkdtemp(prefix=f"coatnet-inproc-{trial_id}-"))
@@ -163,11 +152,11 @@ def _run_in_process(loop_config: dict[str, Any]) -> None:
     failures = 0
     try:
         while True:
-            loop_config["runtime"] = {"report_to": "tune", "resume_from": resume_from,
-                                      "local_checkpoint_dir": str(local_dir),
-                                      "started_at": started_at}
+            runtime = LoopRuntime(report_to=REPORT_TO_TUNE, resume_from=resume_from,
+                                  local_checkpoint_dir=str(local_dir), started_at=started_at)
             trainer = TorchTrainer(
-                train_loop_per_worker, train_loop_config=loop_config,
+                train_loop_per_worker,
+                train_loop_config=dataclasses.replace(loop_config, runtime=runtime).to_dict(),
                 scaling_config=ScalingConfig(num_workers=0),
                 run_config=RunConfig(name=f"train-{trial_id}"))
             try:
@@ -217,7 +206,7 @@ def _storage_for_train() -> tuple[str, Any]:
     return storage.trial_fs_path, storage.storage_filesystem
 
 
-def _run_worker_group(loop_config: dict[str, Any]) -> None:
+def _run_worker_group(loop_config: LoopConfig) -> None:
     import ray
     import ray.tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -225,30 +214,31 @@ def _run_worker_group(loop_config: dict[str, Any]) -> None:
     from ray.util.queue import Empty, Queue
 
     started_at = time.time()
-    trial = loop_config["trial"]
+    trial = loop_config.trial
     trial_id = _trial_id()
     restored = ray.tune.get_checkpoint()
     resume_from = None
     if restored is not None:  # Tune restored this trial: start from its last checkpoint
         resume_from = restored.path
-    loop_config["runtime"] = {"report_to": "train", "resume_from": resume_from,
-                              "started_at": started_at}
+    runtime = LoopRuntime(report_to=REPORT_TO_TRAIN, resume_from=resume_from,
+                          started_at=started_at)
 
     storage_path, filesystem = _storage_for_train()
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    resources = {"CPU": float(trial["cpus_per_worker"])}
-    if trial["use_gpu"]:
+    resources = {"CPU": float(trial.cpus_per_worker)}
+    if trial.use_gpu:
         resources["GPU"] = 1.0
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=int(trial["num_workers"]),
-                                     use_gpu=bool(trial["use_gpu"]),
+        train_loop_per_worker,
+        train_loop_config=dataclasses.replace(loop_config, runtime=runtime).to_dict(),
+        scaling_config=ScalingConfig(num_workers=int(trial.num_workers),
+                                     use_gpu=bool(trial.use_gpu),
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=f"train-{trial_id}", storage_path=storage_path, storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=int(trial["max_failures"])),
+            failure_config=FailureConfig(max_failures=int(trial.max_failures)),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=int(trial["keep_checkpoints"]) or None),
+                num_to_keep=int(trial.keep_checkpoints) or None),
             callbacks=[ForwardToTrialCallback(queue)]))
 
     outcome: dict[str, Any] = {}
@@ -296,7 +286,7 @@ def _run_worker_group(loop_config: dict[str, Any]) -> None:
             # merely died, Ray 2.60 leaves that group to a detached PlacementGroupCleaner that
             # polls the State API, which needs the dashboard; without it the CPUs leak.
             # Tune also ends a trial at its last epoch (ASHA's max_t): that is no early stop.
-            log = logger.info if last_epoch >= int(trial["epochs"]) else logger.warning
+            log = logger.info if last_epoch >= int(trial.epochs) else logger.warning
             log("trial %s stopped by Tune after epoch %d; ending its Train run", trial_id,
                 last_epoch)
             try:
@@ -314,4 +304,4 @@ def _run_worker_group(loop_config: dict[str, Any]) -> None:
 
 __all__ = ["DRIVER_CPU", "IN_PROCESS", "WORKER_GROUP", "apply_recommended_env",
            "build_loop_config", "execution_mode", "recommended_env_vars", "run_trial",
-           "trial_resources", "trial_settings"]
+           "trial_resources"]
