@@ -5,7 +5,7 @@ making the search system run exactly those.
   the benchmark's data, trial and search settings (one trial at a time, TPE with every trial a
   start-up trial, ASHA grace period = epochs so nothing stops early).
 - ``fixed_candidates``: feasible candidates drawn from that space by a seeded random sampler.
-- ``enqueue_points``: the runner's ``OptunaSearch`` made to enqueue those candidates
+- ``enqueue_points``: the runner's searcher (``StudySearch``, an ``OptunaSearch``) made to enqueue those candidates
   (``points_to_evaluate``), in the driver process only.
 - ``trial_params`` / ``multiset``: what the search system's trials actually ran, to compare.
 """
@@ -68,21 +68,22 @@ def fixed_candidates(space: Any, n: int, seed: int) -> list[dict[str, Any]]:
 
 
 def enqueue_points(points: list[dict[str, Any]]) -> None:
-    """Make the runner's OptunaSearch enqueue the fixed points (driver process only)."""
-    import ray.tune.search.optuna as optuna_pkg
+    """Make the runner's searcher (``coatnet.search.searcher.StudySearch``) enqueue the fixed
+    points (driver process only)."""
+    import coatnet.search.searcher as searcher_mod
 
-    base = optuna_pkg.OptunaSearch
+    base = searcher_mod.StudySearch
     if getattr(base, "_overhead_points", None) is not None:
         base = base.__mro__[1]
 
-    class FixedPointsOptunaSearch(base):  # type: ignore[misc, valid-type]
+    class FixedPointsStudySearch(base):  # type: ignore[misc, valid-type]
         _overhead_points = points
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["points_to_evaluate"] = [dict(p) for p in points]
             super().__init__(*args, **kwargs)
 
-    optuna_pkg.OptunaSearch = FixedPointsOptunaSearch
+    searcher_mod.StudySearch = FixedPointsStudySearch
 
 
 def multiset(points: list[dict[str, Any]]) -> list[str]:

@@ -242,13 +242,16 @@ def snapshot(trial_dir: Path) -> dict[str, Any]:
     """What retraining would change: the results file and the checkpoint directories."""
     return {"result": (trial_dir / "result.json").read_bytes(),
             "checkpoints": sorted((p.name, (p / "checkpoint.pt").stat().st_mtime_ns)
-                                  for p in trial_dir.glob("checkpoint_*"))}
+                                  for p in trial_dir.glob("checkpoint_*")
+                                  if (p / "checkpoint.pt").exists())}  # not the pruned ones
 
 
 # ------------------------------------------------------------------------- the tests
 def test_sigkill_driver_then_resume(drivers, tmp_path: Path, mlflow_server: str) -> None:
-    """SIGKILL the driver after k of N trials finished; --resume finishes the rest, the k are
-    not retrained, MLflow has N children, none RUNNING, no step twice."""
+    """SIGKILL the driver the moment a trial's MLflow run turns FINISHED, without waiting for
+    Tune to save that (the window between a trial finishing and Tune's next periodic save):
+    one --resume finishes the search, the finished trials are not retrained, MLflow has N
+    children, none RUNNING, no step twice, and the killed driver's lock does not block."""
     n, epochs = 4, 3
     space = write_space(tmp_path, num_samples=n, epochs=epochs)
     args = ["--space", str(space), "--name", "killed", "--storage-path", str(tmp_path / "runs"),
@@ -256,22 +259,27 @@ def test_sigkill_driver_then_resume(drivers, tmp_path: Path, mlflow_server: str)
     slow = {"sleep_per_epoch_s": 1.0}
     experiment = tmp_path / "runs" / "killed"
     first = drivers(args, name="first", faults=slow)
+    client = MlflowClient(mlflow_server)
 
-    # Tune saves its experiment state every few seconds: slow epochs keep the window in which
-    # some but not all trials are finished wide enough to be seen.
-    def k_finished() -> dict[str, str] | None:
-        saved = experiment_trials(experiment)
-        done = {t for t, s in saved.items() if s == "TERMINATED"}
-        return saved if 1 <= len(done) < n else None
+    def finished_in_mlflow() -> list[str] | None:
+        try:
+            state = json.loads((experiment / "search_state.json").read_text())
+            runs = children(client, state["parent_run_id"])
+        except (OSError, ValueError, KeyError):
+            return None
+        done = [r.data.tags["tune_trial_id"] for r in runs if r.info.status == "FINISHED"]
+        return done or None
 
-    saved = wait_for(k_finished, timeout_s=150, driver=first, what="a finished trial")
+    done = wait_for(finished_in_mlflow, timeout_s=150, driver=first, what="a FINISHED run")
     os.kill(first.proc.pid, signal.SIGKILL)
     first.kill_all()
-    finished = sorted(t for t, s in saved.items() if s == "TERMINATED")
-    before = {t: snapshot(experiment / f"trial_{t}") for t in finished}
+    saved = experiment_trials(experiment)  # Tune's view may lag behind MLflow's
+    saved_done = sorted(t for t, s in saved.items() if s == "TERMINATED")
+    before = {t: snapshot(experiment / f"trial_{t}") for t in sorted(set(done) | set(saved_done))}
     state = json.loads((experiment / "search_state.json").read_text())
-    client = MlflowClient(mlflow_server)
     assert client.get_run(state["parent_run_id"]).info.status == "RUNNING"  # orphaned
+    lock = json.loads((experiment / "driver.lock").read_text())
+    assert lock["pid"] == first.proc.pid  # the dead driver's lock is still on disk
 
     second = drivers([*args, "--resume"], name="second", faults=slow)
     assert second.wait(240) == 0, second.log()[-4000:]
@@ -279,16 +287,48 @@ def test_sigkill_driver_then_resume(drivers, tmp_path: Path, mlflow_server: str)
     trial_ids = [r["trial_id"] for r in rows]
     assert len(trial_ids) == n and len(set(trial_ids)) == n
     assert all(r["status"] == "completed" for r in rows), rows
-    for trial_id in finished:  # not retrained, not even re-reported
+    assert set(done) <= set(trial_ids), (done, trial_ids)
+    for trial_id, earlier in before.items():  # not retrained
         after = snapshot(experiment / f"trial_{trial_id}")
-        assert after["result"] == before[trial_id]["result"], (trial_id, "result.json changed")
-        # No checkpoint written again (one pruned by num_to_keep afterwards is not a retrain).
-        assert set(after["checkpoints"]) <= set(before[trial_id]["checkpoints"]), (
-            trial_id, before[trial_id]["checkpoints"], after["checkpoints"])
+        if trial_id in saved_done:  # Tune knew it had finished: not even re-reported
+            assert after["result"] == earlier["result"], (trial_id, "result.json changed")
+        # No checkpoint written again (one pruned afterwards is not a retrain).
+        assert set(after["checkpoints"]) <= set(earlier["checkpoints"]), (
+            trial_id, earlier["checkpoints"], after["checkpoints"])
     assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
     assert_mlflow_consistent(mlflow_server, state["parent_run_id"],
                              trials={t: epochs for t in trial_ids})
-    logger.info("SIGKILL after %d of %d finished trials: resumed fine", len(finished), n)
+    logger.info("SIGKILL after %d finished run(s) (%d saved by Tune): resumed fine", len(done),
+                len(saved_done))
+
+
+def test_second_driver_on_the_same_experiment_is_refused(drivers, tmp_path: Path,
+                                                         mlflow_server: str) -> None:
+    """The same --name started twice: the second driver is refused at once with a clear
+    message and changes nothing; the first finishes as if alone."""
+    n, epochs = 2, 3
+    space = write_space(tmp_path, num_samples=n, epochs=epochs)
+    args = ["--space", str(space), "--name", "twice", "--storage-path", str(tmp_path / "runs"),
+            "--mlflow-uri", mlflow_server, "--experiment-name", "rel-twice"]
+    experiment = tmp_path / "runs" / "twice"
+    first = drivers(args, name="first", faults={"sleep_per_epoch_s": 1.0})
+    wait_for(lambda: (experiment / "search_state.json").exists(), timeout_s=120, driver=first,
+             what="the first driver's search state")
+    state_before = (experiment / "search_state.json").read_bytes()
+    for extra, name in (([], "second"), (["--resume"], "third")):
+        other = drivers([*args, *extra], name=name)
+        assert other.wait(120) == 2, other.log()[-4000:]
+        errors = [line for line in other.log().splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "is already running" in errors[0], other.log()[-3000:]
+        assert f"pid {first.proc.pid}" in errors[0]
+        assert first.proc.poll() is None  # the first one is still running
+    assert (experiment / "search_state.json").read_bytes() == state_before
+    assert first.wait(240) == 0, first.log()[-4000:]
+    rows = leaderboard(experiment)
+    assert len(rows) == n and all(r["status"] == "completed" for r in rows)
+    parent = json.loads(state_before)["parent_run_id"]
+    assert_mlflow_consistent(mlflow_server, parent,
+                             trials={r["trial_id"]: epochs for r in rows})
 
 
 def test_three_sigints_with_resumes(drivers, tmp_path: Path, mlflow_server: str) -> None:

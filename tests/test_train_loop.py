@@ -88,6 +88,32 @@ def test_loop_resumes_at_next_epoch(tmp_path: Path) -> None:
     assert load_checkpoint_state(resumed.checkpoint.path)["epoch"] == 3
 
 
+def test_resume_from_a_newer_checkpoint_reports_the_epochs_tune_missed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune's saved state names epoch 1's checkpoint, but the trial had written epoch 2's
+    before the driver died: the loop resumes from epoch 2 and reports it again first."""
+    import ray.train
+
+    first = fit_local(loop_config(tmp_path / "a", epochs=2))
+    reported: list[dict[str, Any]] = []
+    report = ray.train.report
+
+    def record(metrics: dict[str, Any], **kwargs: Any) -> None:
+        reported.append(dict(metrics))
+        report(metrics, **kwargs)
+
+    monkeypatch.setattr(ray.train, "report", record)
+    ckpt = tmp_path / "a" / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch_0001", "epoch_0002"]
+    resumed = fit_local(loop_config(
+        tmp_path / "b", epochs=4,
+        runtime={"report_to": "train", "resume_from": str(ckpt / "epoch_0001"),
+                 "local_checkpoint_dir": str(tmp_path / "b" / "ckpt")}))
+    assert [m["epochs_done"] for m in reported] == [2, 3, 4]
+    assert reported[0]["val_accuracy"] == first.metrics["val_accuracy"]  # epoch 2, again
+    assert resumed.metrics["resumed_from_epoch"] == 2
+
+
 def test_nan_loss_ends_the_trial_as_diverged(tmp_path: Path) -> None:
     result = fit_local(loop_config(tmp_path, epochs=5, faults={"nan_loss_at_epoch": 1}))
     metrics = result.metrics

@@ -15,6 +15,7 @@ before the digest existed load without the check.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -31,6 +32,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 DIGEST_SUFFIX = ".sha256"
 _EPOCH_DIR = re.compile(r"(\d+)")
+EPOCH_FILE = "epoch.json"  # {"epoch": n}: what a checkpoint holds, readable without unpickling
+PRUNED_MARKER = "PRUNED"  # a tombstone: a superseded checkpoint's directory without its payload
 
 
 class CheckpointError(RuntimeError):
@@ -90,7 +93,21 @@ def save_state(state: dict[str, Any], directory: str | os.PathLike[str]) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     atomic_write_bytes(str(path) + DIGEST_SUFFIX, (digest.hexdigest() + "\n").encode())
+    if isinstance(state.get("epoch"), int):  # kept when the checkpoint is pruned
+        atomic_write_bytes(Path(directory) / EPOCH_FILE, json.dumps(
+            {"epoch": state["epoch"]}).encode())
     return path
+
+
+def checkpoint_epoch(filesystem: Any, path: str) -> int | None:
+    """The epoch a checkpoint directory holds (also a pruned one), from its small sidecar
+    file; None when unknown."""
+    try:
+        with filesystem.open_input_file(f"{path.rstrip('/')}/{EPOCH_FILE}") as fh:
+            value = json.loads(fh.read().decode()).get("epoch")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def _check_digest(path: Path) -> None:
@@ -182,5 +199,14 @@ def load_latest(candidates: Sequence[str | os.PathLike[str]], *,
     return None
 
 
-__all__ = ["CHECKPOINT_FILE", "CheckpointError", "UnsafeCheckpointError", "atomic_write_bytes",
+def is_pruned(filesystem: Any, path: str) -> bool:
+    """Whether the checkpoint directory ``path`` on a pyarrow filesystem is a tombstone
+    (``coatnet.search.pruning``)."""
+    import pyarrow.fs
+
+    info = filesystem.get_file_info(f"{path.rstrip('/')}/{PRUNED_MARKER}")
+    return info.type != pyarrow.fs.FileType.NotFound
+
+
+__all__ = ["CHECKPOINT_FILE", "EPOCH_FILE", "PRUNED_MARKER", "checkpoint_epoch", "is_pruned", "CheckpointError", "UnsafeCheckpointError", "atomic_write_bytes",
            "load_latest", "load_state", "newest_first", "save_state"]

@@ -30,11 +30,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from coatnet.search.checkpoints import CHECKPOINT_FILE, load_latest, newest_first, save_state
+from coatnet.search.checkpoints import (CHECKPOINT_FILE, PRUNED_MARKER, checkpoint_epoch,
+                                        is_pruned, load_latest, newest_first, save_state)
 from coatnet.search.contracts import REPORT_TO_TUNE, LoopRuntime
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,10 @@ class Reporter:
     world_size: int = 1
     world_rank: int = 0
     local_rank: int = 0
+    # set by resume_state: the epoch of the checkpoint Tune named, when known. After a driver
+    # was killed, the loop may resume from a newer one; the epochs in between were never
+    # reported to Tune, and the loop reports them again from the checkpoint's history.
+    named_epoch: int | None = None
 
     def device(self, *, use_gpu: bool) -> torch.device:
         raise NotImplementedError
@@ -89,7 +95,11 @@ class TrainReporter(Reporter):
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
+            self.named_epoch = checkpoint_epoch(checkpoint.filesystem, checkpoint.path)
             return _load_checkpoint_with_fallback(checkpoint)
+        if self._runtime.resume_from:  # a worker group's start from Tune's checkpoint
+            self.named_epoch = checkpoint_epoch(pyarrow.fs.LocalFileSystem(),
+                                                self._runtime.resume_from)
         return _load_resume_from(self._runtime.resume_from, roots=None)
 
     def report(self, metrics: dict[str, Any], *, state: dict[str, Any] | None,
@@ -145,6 +155,7 @@ class TuneReporter(Reporter):
         checkpoint = ray.tune.get_checkpoint()
         if checkpoint is None:
             return None
+        self.named_epoch = checkpoint_epoch(checkpoint.filesystem, checkpoint.path)
         return _load_checkpoint_with_fallback(checkpoint)
 
     def report(self, metrics: dict[str, Any], *, state: dict[str, Any] | None,
@@ -189,28 +200,31 @@ def _stamp() -> str:
 
 
 # ---------------------------------------------------------------------------------- resuming
-def _older_siblings(directory: Path) -> list[Path]:
-    """``directory`` then the older checkpoints next to it (same trial), newest first."""
+_CHECKPOINT_DIR = re.compile(r"^(epoch|checkpoint)_\d")
+
+
+def _siblings(directory: Path) -> list[Path]:
+    """The intact checkpoints next to ``directory`` (same trial), newest first, newer ones
+    included: after a driver was killed, Tune's saved state can name an older checkpoint than
+    the newest one the trial wrote, or a pruned one (``coatnet.search.pruning``)."""
     parent = directory.parent
     if not parent.is_dir():
         return [directory]
-    pattern = re.compile(r"^(epoch|checkpoint)_\d")
-    ordered = newest_first(p for p in parent.iterdir()
-                           if p.is_dir() and pattern.match(p.name))
-    if directory not in ordered:
-        return [directory]
-    return ordered[ordered.index(directory):]
+    found = newest_first(p for p in parent.iterdir()
+                         if p.is_dir() and _CHECKPOINT_DIR.match(p.name)
+                         and not (p / PRUNED_MARKER).exists())
+    return found or [directory]
 
 
 def _load_resume_from(resume_from: str | None, *,
                       roots: list[str] | None) -> dict[str, Any] | None:
-    """``runtime.resume_from``: a checkpoint dir (older siblings are the fallbacks) or a dir of
-    ``epoch_*`` checkpoints."""
+    """``runtime.resume_from``: a checkpoint dir (its siblings are the alternatives, newest
+    first) or a dir of ``epoch_*`` checkpoints."""
     if not resume_from:
         return None
     base = Path(resume_from)
-    if (base / CHECKPOINT_FILE).exists() or re.match(r"^(epoch|checkpoint)_\d", base.name):
-        candidates = _older_siblings(base)
+    if (base / CHECKPOINT_FILE).exists() or _CHECKPOINT_DIR.match(base.name):
+        candidates = _siblings(base)
     else:
         candidates = newest_first(base.glob("epoch_*"))
     loaded = load_latest(candidates, allowed_roots=roots)
@@ -222,24 +236,41 @@ def _load_resume_from(resume_from: str | None, *,
 
 
 def _load_checkpoint_with_fallback(checkpoint: Any) -> dict[str, Any] | None:
-    """A Ray checkpoint: on a local file system try it and then its older siblings (only
-    inside the Tune experiment directory); elsewhere download the latest one only."""
-    import pyarrow.fs
-
+    """A Ray checkpoint: the trial's newest intact checkpoint next to it (only inside the Tune
+    experiment directory on a local file system), falling back to older ones."""
     filesystem = getattr(checkpoint, "filesystem", None)
     if filesystem is None or isinstance(filesystem, pyarrow.fs.LocalFileSystem):
         path = Path(checkpoint.path)
         roots = _experiment_roots() or [str(path.parent.parent)]
-        loaded = load_latest(_older_siblings(path), allowed_roots=roots)
-        if loaded is None:
-            return None
-        if loaded[1] != path:
-            logger.warning("resumed from the older checkpoint %s instead of %s", loaded[1],
-                           path)
-        return loaded[0]
-    with checkpoint.as_directory() as directory:
-        loaded = load_latest([Path(directory)])
-    return None if loaded is None else loaded[0]
+        loaded = load_latest(_siblings(path), allowed_roots=roots)
+        if loaded is not None and loaded[1] != path:
+            logger.warning("resumed from checkpoint %s instead of %s, the one Tune named",
+                           loaded[1], path)
+        return None if loaded is None else loaded[0]
+    import ray.tune
+
+    for remote in _remote_siblings(filesystem, checkpoint.path):
+        with ray.tune.Checkpoint(path=remote, filesystem=filesystem).as_directory() as local:
+            loaded = load_latest([Path(local)])
+        if loaded is not None:
+            if remote != checkpoint.path:
+                logger.warning("resumed from checkpoint %s instead of %s, the one Tune named",
+                               remote, checkpoint.path)
+            return loaded[0]
+    return None
+
+
+def _remote_siblings(filesystem: Any, path: str) -> list[str]:
+    """``_siblings`` on a bucket: intact checkpoint directories next to ``path``."""
+    parent = path.rstrip("/").rsplit("/", 1)[0]
+    try:
+        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(parent, recursive=False))
+    except OSError:
+        return [path]
+    dirs = [i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+            and _CHECKPOINT_DIR.match(i.base_name) and not is_pruned(filesystem, i.path)]
+    ordered = [str(p) for p in newest_first(dirs)]
+    return ordered or [path]
 
 
 def _experiment_roots() -> list[str]:

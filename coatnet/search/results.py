@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from coatnet.search.checkpoints import is_pruned
 from coatnet.search.contracts import Candidate
 
 STATUSES = ("completed", "early-stopped", "diverged", "failed", "infeasible")
@@ -96,7 +97,8 @@ def leaderboard(result_grid: Any, *, metric: str, mode: str,
         best_checkpoint = None
         if result.best_checkpoints:
             scored = [(c, m.get(metric)) for c, m in result.best_checkpoints
-                      if isinstance(m.get(metric), (int, float))]
+                      if isinstance(m.get(metric), (int, float))
+                      and not is_pruned(c.filesystem, c.path)]
             if scored:
                 pick = max if mode == "max" else min
                 best_checkpoint = pick(scored, key=lambda item: item[1])[0].path

@@ -25,8 +25,11 @@ from coatnet.search.faults import FaultPlan
 from coatnet.search.interrupts import InterruptWatch
 from coatnet.search.lock import DriverLock
 from coatnet.search.plan import STATE_FILE, SearchOptions, SearchPlan, plan_search, write_state
+from coatnet.search.restore import set_aside_torn_sessions
 
 logger = logging.getLogger("coatnet.search")
+
+SAVE_PERIOD_S = "5"  # Tune's experiment-state save period (TUNE_GLOBAL_CHECKPOINT_S wins)
 
 
 @dataclass
@@ -57,6 +60,9 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     # Tiny CPU trials checkpoint every second; Tune then warns on each forced state snapshot,
     # which the resume guarantees need. Keep the log readable (a user value still wins).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune saves its experiment state every 10+ s by default; what a killed driver did since
+    # the last save is redone (trials it started are sampled anew). 5 s loses less.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SAVE_PERIOD_S)
     _init_ray(options.address)
     cluster.check_storage(raw=options.storage_path, local_root=plan.storage_path,
                           alive_nodes=cluster.alive_node_count())
@@ -122,6 +128,8 @@ def _tuner(plan: SearchPlan, *, tune_storage: str, parent_run_id: str, mlflow_st
     if faults is not None:
         param_space[FAULTS_CONFIG_KEY] = faults.to_dict()
     tune_experiment = f"{tune_storage}/{plan.name}"
+    if plan.resuming and not cluster.is_remote_uri(tune_storage):
+        set_aside_torn_sessions(Path(tune_experiment))
     if plan.resuming and tune.Tuner.can_restore(tune_experiment):
         logger.info("resuming search %s from %s", plan.name, plan.experiment_dir)
         # Errored trials stay failed: in the saved state only a trial that used up its
@@ -140,16 +148,18 @@ def _tuner(plan: SearchPlan, *, tune_storage: str, parent_run_id: str, mlflow_st
             name=plan.name, storage_path=tune_storage,
             callbacks=_callbacks(plan, parent_run_id=parent_run_id, mlflow_state=mlflow_state),
             verbose=0,
+            # Tune keeps every checkpoint; CheckpointPruner keeps trial.keep_checkpoints of
+            # them whole and tombstones the rest (coatnet.search.pruning says why)
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=plan.trial.keep_checkpoints,
-                checkpoint_score_attribute=settings.metric,
+                num_to_keep=None, checkpoint_score_attribute=settings.metric,
                 checkpoint_score_order=settings.mode),
             failure_config=tune.FailureConfig(max_failures=plan.trial.max_failures)))
 
 
 def _searcher(plan: SearchPlan) -> Any:
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
+
+    from coatnet.search.searcher import StudySearch, storage_url
 
     settings = plan.space.search
     if settings.searcher == "tpe":
@@ -159,8 +169,10 @@ def _searcher(plan: SearchPlan) -> Any:
         sampler = optuna.samplers.RandomSampler(seed=settings.seed)
     # Optuna 5: constraints go through Trial.set_constraint (constraints_func is
     # deprecated); infeasible candidates are then ranked below feasible ones by TPE.
-    return OptunaSearch(space=functools.partial(plan.space.define_by_run, set_constraints=True),
-                        metric=settings.metric, mode=settings.mode, sampler=sampler)
+    return StudySearch(space=functools.partial(plan.space.define_by_run, set_constraints=True),
+                       metric=settings.metric, mode=settings.mode, sampler=sampler,
+                       storage=storage_url(plan.experiment_dir), study_name=plan.name,
+                       max_epochs=plan.trial.epochs)
 
 
 def _scheduler(plan: SearchPlan) -> Any:
@@ -174,14 +186,17 @@ def _scheduler(plan: SearchPlan) -> Any:
 
 def _callbacks(plan: SearchPlan, *, parent_run_id: str, mlflow_state: Path) -> list[Any]:
     from coatnet.search.progress import ProgressCallback
+    from coatnet.search.pruning import CheckpointPruner
     from coatnet.search.tracking import MLflowTrackingCallback
 
     settings, epochs = plan.space.search, plan.trial.epochs
     tracker = MLflowTrackingCallback(
         tracking_uri=plan.tracking_uri, parent_run_id=parent_run_id, state_path=mlflow_state,
         max_epochs=epochs, metric=settings.metric, mode=settings.mode)
-    return [tracker, ProgressCallback(metric=settings.metric, mode=settings.mode,
-                                      max_epochs=epochs)]
+    pruner = CheckpointPruner(keep=plan.trial.keep_checkpoints, metric=settings.metric,
+                              mode=settings.mode)
+    return [tracker, pruner, ProgressCallback(metric=settings.metric, mode=settings.mode,
+                                              max_epochs=epochs)]
 
 
 def _export(plan: SearchPlan, grid: Any, *, parent_run_id: str) -> SearchOutcome:
@@ -203,6 +218,7 @@ def _export(plan: SearchPlan, grid: Any, *, parent_run_id: str) -> SearchOutcome
         "metric": metric,
         "infeasible_reasons": {r.trial_id: (r.candidate and r.candidate.infeasible_reason) or ""
                                for r in rows if r.status == "infeasible"}}
+    _close_study(plan, trial_ids=[r.trial_id for r in rows])
     # every trial is closed by now: a child still RUNNING was orphaned by a killed driver
     finish_search_run(experiment_dir=plan.experiment_dir, tracking_uri=plan.tracking_uri,
                       parent_run_id=parent_run_id, trial_ids=[r.trial_id for r in rows],
@@ -220,6 +236,15 @@ def _export(plan: SearchPlan, grid: Any, *, parent_run_id: str) -> SearchOutcome
                          status_counts=counts, parent_run_id=parent_run_id,
                          tracking_uri=plan.tracking_uri, rows=rows, metric=metric,
                          mlflow_pending=pending)
+
+
+def _close_study(plan: SearchPlan, *, trial_ids: list[str]) -> None:
+    """No Optuna trial stays RUNNING: fail the asks of killed drivers that Tune never saved."""
+    from coatnet.search.searcher import STUDY_FILE, close_orphans, storage_url
+
+    if (plan.experiment_dir / STUDY_FILE).exists():  # searches from before the stored study
+        close_orphans(storage=storage_url(plan.experiment_dir), study_name=plan.name,
+                      trial_ids=trial_ids)
 
 
 def _init_ray(address: str | None) -> None:

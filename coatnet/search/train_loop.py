@@ -139,22 +139,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run = _setup(loop, reporter)
 
     start_epoch = 0
+    history: list[dict[str, Any]] = []  # every epoch's metrics, kept in each checkpoint
     state = reporter.resume_state()
     if state is not None:
         run.raw_model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"])
+        history = list(state.get("history") or [])
         logger.info("resumed from the checkpoint of epoch %d", start_epoch)
-    if state is not None and start_epoch >= loop.trial.epochs:
-        # The trial had finished, but the driver died before Tune saved that: report the final
-        # result again (no training), so Tune, ASHA and Optuna see how it ended.
-        final = dict(state.get("metrics") or {})
-        final.update(resumed_from_epoch=start_epoch, epochs_done=start_epoch)
-        logger.info("checkpoint of epoch %d is the last one: re-reporting, not retraining",
-                    start_epoch)
-        reporter.report(final, state=None, epoch=start_epoch)
-        return
+        finished = start_epoch >= loop.trial.epochs
+        _report_unseen(reporter, history, start_epoch=start_epoch, keep_last=finished)
+        if finished:
+            # The trial had finished, but the driver died before Tune saved that: report the
+            # final result again (no training), so Tune, ASHA and Optuna see how it ended.
+            final = dict(state.get("metrics") or {})
+            final.update(resumed_from_epoch=start_epoch, epochs_done=start_epoch)
+            logger.info("checkpoint of epoch %d is the last one: re-reporting, not retraining",
+                        start_epoch)
+            reporter.report(final, state=None, epoch=start_epoch)
+            return
 
     static = {"params": run.params, "macs": loop.macs, "node_id": node_id(),
               "device": str(run.device), "world_size": world_size,
@@ -189,15 +193,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             reporter.report(diverged.to_metrics(), state=None, epoch=epoch)
             return
         metrics = report.to_metrics()
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+        history.append(scalars)
         state = None
         if rank == 0:
             state = {"model": run.raw_model.state_dict(),
                      "optimizer": run.optimizer.state_dict(),
                      "scheduler": run.scheduler.state_dict(), "epoch": epoch,
-                     "model_config": dict(loop.model),
-                     "metrics": {k: v for k, v in metrics.items()
-                                 if isinstance(v, (int, float, str))}}
+                     "model_config": dict(loop.model), "metrics": scalars,
+                     "history": list(history)}
         reporter.report(metrics, state=state, epoch=epoch)
+
+
+def _report_unseen(reporter: Reporter, history: list[dict[str, Any]], *, start_epoch: int,
+                   keep_last: bool) -> None:
+    """Report again the epochs Tune never saw: those after the checkpoint Tune named, up to
+    the newer one the loop resumed from (a driver killed before Tune processed them).
+    ``keep_last``: leave the last one out (the caller re-reports it as the final result)."""
+    named = reporter.named_epoch
+    if named is None or named >= start_epoch:
+        return
+    unseen = [m for m in history if named < int(m.get("epochs_done", 0)) <= start_epoch]
+    if keep_last:
+        unseen = unseen[:-1]
+    if unseen:
+        logger.info("reporting epochs %s again: Tune's saved state ends at epoch %d",
+                    [m["epochs_done"] for m in unseen], named)
+    for metrics in unseen:
+        reporter.report(dict(metrics), state=None, epoch=int(metrics["epochs_done"]))
 
 
 def _setup(loop: LoopConfig, reporter: Reporter) -> _Run:

@@ -237,8 +237,9 @@ def _run_worker_group(loop_config: LoopConfig) -> None:
         run_config=RunConfig(
             name=f"train-{trial_id}", storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=int(trial.max_failures)),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=int(trial.keep_checkpoints) or None),
+            # every checkpoint is kept: Tune's CheckpointPruner tombstones superseded ones
+            # (Train deleting them would break a restore from Tune's saved state)
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
             callbacks=[ForwardToTrialCallback(queue)]))
 
     outcome: dict[str, Any] = {}

@@ -1,0 +1,69 @@
+"""Before ``Tuner.restore``: set aside Tune state files that a killed driver left torn.
+
+Each driver session writes its own ``experiment_state-<session>.json`` (and the searcher's,
+the search generator's and the callbacks' state next to it), rewriting them every few seconds
+and copying them to storage in the background, not atomically. A driver killed during that
+copy can leave the newest session's file cut short; Tune restores from the newest file, fails
+on it, and every later ``--resume`` fails the same way. ``set_aside_torn_sessions`` moves such
+a session's files into ``torn-state/`` (nothing is deleted), so Tune restores the newest
+session that reads whole; trials of the torn session resume from their own checkpoints or are
+sampled again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+TORN_DIR = "torn-state"
+_FILES = ("experiment_state-{}.json", "search_gen_state-{}.json", "searcher-state-{}.pkl",
+          "callback-states-{}.pkl")
+_PREFIX, _SUFFIX = "experiment_state-", ".json"
+
+
+def sessions(experiment_dir: Path) -> list[str]:
+    """The driver sessions that saved Tune state here, oldest first (Tune's own order)."""
+    names = sorted(p.name for p in Path(experiment_dir).glob(f"{_PREFIX}*{_SUFFIX}"))
+    return [name[len(_PREFIX):-len(_SUFFIX)] for name in names]
+
+
+def set_aside_torn_sessions(experiment_dir: Path) -> list[str]:
+    """Move the newest sessions whose files do not read whole into ``torn-state/``, until the
+    newest one reads; returns the sessions moved. The oldest session always stays."""
+    experiment_dir = Path(experiment_dir)
+    found = sessions(experiment_dir)
+    moved: list[str] = []
+    while len(found) > 1 and not _reads_whole(experiment_dir, found[-1]):
+        session = found.pop()
+        target = experiment_dir / TORN_DIR / session
+        target.mkdir(parents=True, exist_ok=True)
+        for template in _FILES:
+            path = experiment_dir / template.format(session)
+            if path.exists():
+                shutil.move(str(path), target / path.name)
+        moved.append(session)
+        logger.warning("Tune's saved state of session %s is torn (a driver was killed while "
+                       "writing it); set aside in %s, resuming from session %s", session,
+                       target, found[-1])
+    return moved
+
+
+def _reads_whole(experiment_dir: Path, session: str) -> bool:
+    for template in _FILES:
+        path = experiment_dir / template.format(session)
+        if not path.exists():  # written after the experiment state: may be missing
+            continue
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            else:
+                with open(path, "rb") as fh:
+                    pickle.load(fh)  # noqa: S301 - this search's own state, as Tune loads it
+        except Exception:  # noqa: BLE001 - any failure to read means torn
+            return False
+    return True

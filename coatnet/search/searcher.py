@@ -1,0 +1,158 @@
+"""The search's Optuna searcher: Ray's ``OptunaSearch`` with a stored study and the truth.
+
+``StudySearch`` subclasses Ray 2.60's ``OptunaSearch`` (define-by-run over
+``SearchSpace.define_by_run``) and corrects what it gets wrong for this search:
+
+* **The study lives in a file.** An Optuna RDB storage in the experiment directory
+  (``optuna.db``), so ``optuna.load_study`` and ``optuna-dashboard sqlite:///.../optuna.db``
+  read it while the search runs and after. Every ask is on disk before Tune even creates the
+  trial, so the study is never behind Tune's saved state; each Optuna trial carries the Tune
+  trial id as the user attribute ``tune_trial_id``.
+* **A restored searcher may not know a trial.** Tune saves (and copies to storage, in the
+  background) its experiment state and the searcher's pickle one after the other; a driver
+  killed in between leaves a searcher older than the trials Tune restores, and Ray's
+  ``OptunaSearch`` then fails the whole search with a ``KeyError`` on that trial's first result.
+  Here the trial is found again in the stored study by its ``tune_trial_id``.
+* **Early-stopped is not complete.** Ray reports only Tune's ``training_iteration`` as the step
+  and tells Optuna ``COMPLETE`` with an early-stopped trial's last, early value. Here every
+  epoch's value is an intermediate value at step ``epochs_done``, a trial that ended before
+  ``max_epochs`` is told ``PRUNED``, a diverged, failed or non-finite one ``FAIL`` (Ray only
+  logs the ``tell`` error for a NaN and leaves the trial RUNNING).
+* **A restored trial may be told already.** A trial that ended in a killed driver before Tune
+  saved that comes back RUNNING; its study trial is finished, and its results are then skipped
+  (Ray's searcher would raise ``UpdateFinishedTrialError`` into Tune and end the search).
+  Nothing the searcher does with the study may stop the search: errors are logged.
+* **No trial stays RUNNING.** ``close_orphans`` (called by the runner once ``fit`` returns)
+  fails every RUNNING trial whose Tune trial is not in the search's results: the asks of a
+  killed driver that Tune never saved. They carry ``orphaned = true``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+logger = logging.getLogger(__name__)
+
+STUDY_FILE = "optuna.db"
+TRIAL_ID_ATTR = "tune_trial_id"
+ORPHANED_ATTR = "orphaned"
+
+
+def storage_url(experiment_dir: Path) -> str:
+    """The Optuna storage URL of a search's study (``sqlite:///<dir>/optuna.db``)."""
+    return f"sqlite:///{Path(experiment_dir).resolve() / STUDY_FILE}"
+
+
+class StudySearch(OptunaSearch):
+    """``OptunaSearch`` over a stored study, told the truth (see the module docstring)."""
+
+    def __init__(self, *, space: Any, metric: str, mode: str, sampler: optuna.samplers.BaseSampler,
+                 storage: str, study_name: str, max_epochs: int,
+                 points_to_evaluate: list[dict[str, Any]] | None = None) -> None:
+        self._max_epochs = int(max_epochs)
+        self._reported: dict[str, set[int]] = {}
+        super().__init__(space=space, metric=metric, mode=mode, sampler=sampler,
+                         study_name=study_name,
+                         storage=optuna.storages.RDBStorage(storage),
+                         points_to_evaluate=points_to_evaluate)
+
+    # ------------------------------------------------------------------ Tune's calls
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        params = super().suggest(trial_id)
+        trial = self._ot_trials.get(trial_id)
+        if trial is not None:
+            trial.set_user_attr(TRIAL_ID_ATTR, trial_id)
+        return params
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if trial_id in self._completed_trials:
+            return
+        trial = self._trial(trial_id)
+        value, step = result.get(self.metric), result.get("epochs_done")
+        if trial is None or not _finite(value) or not isinstance(step, int) or step < 1:
+            return
+        reported = self._reported.setdefault(trial_id, set())
+        if step in reported:  # a resumed trial re-reports its last epoch
+            return
+        try:
+            trial.report(float(value), step)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # told already, by a driver killed before Tune saved that the trial had ended
+            self._completed_trials.add(trial_id)
+            return
+        except Exception as err:  # noqa: BLE001 - the searcher must never stop the search
+            logger.warning("could not report epoch %s of trial %s to Optuna: %s", step,
+                           trial_id, err)
+            return
+        reported.add(step)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
+                          error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return
+        trial = self._trial(trial_id)
+        if trial is None:
+            logger.warning("trial %s is not in the Optuna study; not told", trial_id)
+            return
+        state, value = self._outcome(result or {}, error=error)
+        try:
+            self._ot_study.tell(trial, value, state=state, skip_if_finished=True)
+        except Exception as err:  # noqa: BLE001 - the searcher must never stop the search
+            logger.warning("could not tell Optuna how trial %s ended: %s", trial_id, err)
+        self._completed_trials.add(trial_id)
+
+    # ------------------------------------------------------------------ helpers
+    def _outcome(self, result: Mapping[str, Any], *,
+                 error: bool) -> tuple[TrialState, float | None]:
+        value = result.get(self.metric)
+        if error or result.get("status") == "diverged" or not _finite(value):
+            return TrialState.FAIL, None
+        if result.get("status") != "infeasible" and \
+                int(result.get("epochs_done") or 0) < self._max_epochs:
+            return TrialState.PRUNED, None  # ranked by how far it got and its last value
+        return TrialState.COMPLETE, float(value)
+
+    def _trial(self, trial_id: str) -> optuna.Trial | None:
+        """The Optuna trial of a Tune trial; after a restore, found by its user attribute."""
+        trial = self._ot_trials.get(trial_id)
+        if trial is not None:
+            return trial
+        for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen.user_attrs.get(TRIAL_ID_ATTR) == trial_id:
+                trial = optuna.Trial(self._ot_study, frozen._trial_id)
+                self._ot_trials[trial_id] = trial
+                logger.info("trial %s: found in the stored study (the restored searcher "
+                            "state was older than the trial)", trial_id)
+                return trial
+        return None
+
+
+def close_orphans(*, storage: str, study_name: str, trial_ids: Iterable[str]) -> int:
+    """Fail every RUNNING trial of the study whose Tune trial is not in ``trial_ids``; returns
+    how many. Run it when no trial of the search is running."""
+    keep = set(trial_ids)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    closed = 0
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if frozen.user_attrs.get(TRIAL_ID_ATTR) in keep:
+            continue
+        study._storage.set_trial_user_attr(frozen._trial_id, ORPHANED_ATTR, True)
+        study.tell(frozen.number, state=TrialState.FAIL)
+        closed += 1
+    if closed:
+        logger.info("closed %d Optuna trial(s) that a killed driver asked for but Tune never "
+                    "saved (state FAIL, user attribute %s)", closed, ORPHANED_ATTR)
+    return closed
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)

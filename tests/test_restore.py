@@ -1,0 +1,39 @@
+"""Torn Tune state left by a killed driver is set aside before the restore; whole state stays."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+from coatnet.search.restore import TORN_DIR, sessions, set_aside_torn_sessions
+
+
+def save_session(directory: Path, session: str) -> None:
+    (directory / f"experiment_state-{session}.json").write_text(json.dumps({"trial_data": []}))
+    (directory / f"search_gen_state-{session}.json").write_text("{}")
+    (directory / f"searcher-state-{session}.pkl").write_bytes(pickle.dumps({"n": 1}))
+
+
+def test_a_torn_newest_session_is_set_aside(tmp_path: Path) -> None:
+    save_session(tmp_path, "2026-12-01_10-00-00")
+    save_session(tmp_path, "2026-12-01_10-05-00")
+    newest = tmp_path / "searcher-state-2026-12-01_10-05-00.pkl"
+    newest.write_bytes(newest.read_bytes()[:5])  # the copy was cut short
+    assert set_aside_torn_sessions(tmp_path) == ["2026-12-01_10-05-00"]
+    assert sessions(tmp_path) == ["2026-12-01_10-00-00"]
+    kept = sorted(p.name for p in (tmp_path / TORN_DIR / "2026-12-01_10-05-00").iterdir())
+    assert kept == ["experiment_state-2026-12-01_10-05-00.json",
+                    "search_gen_state-2026-12-01_10-05-00.json",
+                    "searcher-state-2026-12-01_10-05-00.pkl"]
+
+
+def test_whole_state_and_a_lone_session_stay(tmp_path: Path) -> None:
+    save_session(tmp_path, "a")
+    save_session(tmp_path, "b")
+    (tmp_path / "searcher-state-b.pkl").unlink()  # killed before the searcher's first save
+    assert set_aside_torn_sessions(tmp_path) == []
+    (tmp_path / "experiment_state-b.json").write_text('{"trial_da')
+    (tmp_path / "experiment_state-a.json").write_text('{"trial_da')
+    assert set_aside_torn_sessions(tmp_path) == ["b"]  # the oldest always stays
+    assert sessions(tmp_path) == ["a"]
