@@ -13,8 +13,9 @@ periodic saves), and during the final export. After every kill the next driver i
   once; no other active child (runs of trials Tune never saved are deleted), the parent FINISHED
   with the same counts;
 - ``mlflow_runs.json`` records every trial as completed;
-- the stored Optuna study has one COMPLETE trial per trial, none RUNNING (the asks of killed
-  drivers that Tune never saved are FAIL, marked ``orphaned``);
+- the stored Optuna study has no RUNNING trial, and less the asks of killed drivers that Tune
+  never saved (recorded as orphans, failed if they were still running) one COMPLETE trial per
+  leaderboard trial;
 - progress never went backwards: a trial Tune had saved as finished stays finished, and its
   results and checkpoints are never written again (not retrained).
 """
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from test_reliability import (  # noqa: F401 - drivers is a fixture
@@ -42,6 +44,8 @@ from test_reliability import (  # noqa: F401 - drivers is a fixture
     leaderboard,
     snapshot,
 )
+
+from coatnet.search.searcher import search_trials, storage_url
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 logger = logging.getLogger(__name__)
@@ -145,14 +149,9 @@ def run_to(driver: Driver, point: KillPoint, watch: Watch, *, first: bool) -> in
     return None
 
 
-def optuna_trials(experiment_dir: Path, study_name: str) -> list[Any]:
-    """The trials of the search's stored Optuna study."""
-    import optuna
-
-    from coatnet.search.searcher import storage_url
-
-    return optuna.load_study(study_name=study_name,
-                             storage=storage_url(experiment_dir)).get_trials()
+def study(experiment_dir: Path, study_name: str) -> optuna.Study:
+    """The search's stored Optuna study."""
+    return optuna.load_study(study_name=study_name, storage=storage_url(experiment_dir))
 
 
 def test_sigkill_at_many_points_then_resume(drivers, tmp_path: Path, mlflow_server: str) -> None:
@@ -211,14 +210,14 @@ def test_sigkill_at_many_points_then_resume(drivers, tmp_path: Path, mlflow_serv
     assert {t: records.get(t, {}).get("status") for t in trial_ids} == \
         {t: "completed" for t in trial_ids}
 
-    study = optuna_trials(experiment, "kills")
-    states = [t.state.name for t in study]
+    stored = study(experiment, "kills")
+    states = [t.state.name for t in stored.get_trials()]
     assert "RUNNING" not in states, states
-    live = [t for t in study if not t.user_attrs.get("orphaned")]
+    live = search_trials(stored)
     assert sorted(t.user_attrs["tune_trial_id"] for t in live) == sorted(trial_ids), states
     assert all(t.state.name == "COMPLETE" for t in live), states
-    # asks of killed drivers that Tune never saved: closed, never left RUNNING
-    assert all(t.state.name == "FAIL" for t in study if t.user_attrs.get("orphaned"))
+    # asks of killed drivers that Tune never saved are marked (and, if they were RUNNING,
+    # failed above); the rest are one to one with the leaderboard
 
     for trial_id, before in finished_seen.items():  # never retrained
         after = snapshot(experiment / f"trial_{trial_id}")

@@ -11,7 +11,8 @@ from coatnet.search.restore import TORN_DIR, sessions, set_aside_torn_sessions
 
 def save_session(directory: Path, session: str) -> None:
     (directory / f"experiment_state-{session}.json").write_text(json.dumps({"trial_data": []}))
-    (directory / f"search_gen_state-{session}.json").write_text("{}")
+    # Tune pickles the search generator's state under a .json name
+    (directory / f"search_gen_state-{session}.json").write_bytes(pickle.dumps({"counter": 3}))
     (directory / f"searcher-state-{session}.pkl").write_bytes(pickle.dumps({"n": 1}))
 
 
@@ -32,8 +33,16 @@ def test_whole_state_and_a_lone_session_stay(tmp_path: Path) -> None:
     save_session(tmp_path, "a")
     save_session(tmp_path, "b")
     (tmp_path / "searcher-state-b.pkl").unlink()  # killed before the searcher's first save
-    assert set_aside_torn_sessions(tmp_path) == []
+    assert set_aside_torn_sessions(tmp_path) == []  # the pickled generator state reads whole
     (tmp_path / "experiment_state-b.json").write_text('{"trial_da')
     (tmp_path / "experiment_state-a.json").write_text('{"trial_da')
     assert set_aside_torn_sessions(tmp_path) == ["b"]  # the oldest always stays
     assert sessions(tmp_path) == ["a"]
+
+
+def test_a_torn_generator_state_sets_its_session_aside(tmp_path: Path) -> None:
+    save_session(tmp_path, "a")
+    save_session(tmp_path, "b")
+    generator = tmp_path / "search_gen_state-b.json"
+    generator.write_bytes(generator.read_bytes()[:-3])
+    assert set_aside_torn_sessions(tmp_path) == ["b"]

@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 import pytest
 
-from coatnet.search.searcher import StudySearch, close_orphans, storage_url
+from coatnet.search.searcher import StudySearch, close_orphans, search_trials, storage_url
 
 EPOCHS = 4
 
@@ -100,17 +100,21 @@ def test_a_trial_told_by_a_killed_driver_comes_back_without_error(tmp_path: Path
     assert trial.intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4}
 
 
-def test_close_orphans_fails_asks_tune_never_saved(tmp_path: Path) -> None:
+def test_close_orphans_marks_asks_tune_never_saved(tmp_path: Path) -> None:
     search = make(tmp_path)
-    for trial_id in ("kept", "lost"):
+    for trial_id in ("kept", "lost", "lost_done"):
         search.suggest(trial_id)
     run(search, "kept", [0.1, 0.2, 0.3, 0.4])
+    run(search, "lost_done", [0.5, 0.6, 0.7, 0.8])  # began and ended between two Tune saves
     assert close_orphans(storage=storage_url(tmp_path), study_name="s",
-                         trial_ids=["kept"]) == 1
+                         trial_ids=["kept"]) == 2
     trials = stored(tmp_path)
     assert trials["lost"].state.name == "FAIL" and trials["lost"].user_attrs["orphaned"]
+    assert trials["lost_done"].state.name == "COMPLETE"  # a finished trial cannot change
     assert trials["kept"].state.name == "COMPLETE"
     assert "orphaned" not in trials["kept"].user_attrs
+    study = optuna.load_study(study_name="s", storage=storage_url(tmp_path))
+    assert [t.user_attrs["tune_trial_id"] for t in search_trials(study)] == ["kept"]
     assert close_orphans(storage=storage_url(tmp_path), study_name="s",
                          trial_ids=["kept"]) == 0
 

@@ -59,11 +59,12 @@ def _reads_whole(experiment_dir: Path, session: str) -> bool:
         if not path.exists():  # written after the experiment state: may be missing
             continue
         try:
-            if path.suffix == ".json":
-                json.loads(path.read_text())
+            data = path.read_bytes()
+            # Tune pickles some of these under a .json name (search_gen_state): go by content
+            if data[:1] == b"\x80":
+                pickle.loads(data)  # noqa: S301 - this search's own state, as Tune loads it
             else:
-                with open(path, "rb") as fh:
-                    pickle.load(fh)  # noqa: S301 - this search's own state, as Tune loads it
+                json.loads(data)
         except Exception:  # noqa: BLE001 - any failure to read means torn
             return False
     return True

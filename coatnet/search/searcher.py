@@ -23,8 +23,9 @@
   (Ray's searcher would raise ``UpdateFinishedTrialError`` into Tune and end the search).
   Nothing the searcher does with the study may stop the search: errors are logged.
 * **No trial stays RUNNING.** ``close_orphans`` (called by the runner once ``fit`` returns)
-  fails every RUNNING trial whose Tune trial is not in the search's results: the asks of a
-  killed driver that Tune never saved. They carry ``orphaned = true``.
+  records every trial whose Tune trial is not in the search's results, the asks of a killed
+  driver that Tune never saved, in the study attribute ``orphaned_trials`` and fails those
+  still RUNNING; ``search_trials`` is the study less those, one to one with the search.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 STUDY_FILE = "optuna.db"
 TRIAL_ID_ATTR = "tune_trial_id"
 ORPHANED_ATTR = "orphaned"
+ORPHANS_ATTR = "orphaned_trials"
 
 
 def storage_url(experiment_dir: Path) -> str:
@@ -136,21 +138,40 @@ class StudySearch(OptunaSearch):
 
 
 def close_orphans(*, storage: str, study_name: str, trial_ids: Iterable[str]) -> int:
-    """Fail every RUNNING trial of the study whose Tune trial is not in ``trial_ids``; returns
-    how many. Run it when no trial of the search is running."""
+    """Record every trial of the study whose Tune trial is not in ``trial_ids`` as orphaned
+    and fail those still RUNNING; returns how many were newly recorded. Run it when no trial
+    of the search is running.
+
+    An orphan is an ask of a killed driver that Tune never saved: it may still be RUNNING, or
+    it may have started and ended between two of Tune's saves (a finished orphan keeps its
+    state: its value is a true observation of that configuration, and TPE may learn from it;
+    Optuna cannot change a finished trial). Their numbers are the study's user attribute
+    ``orphaned_trials``; a RUNNING one also gets the trial attribute ``orphaned = true``
+    before it is failed. ``search_trials`` gives the study's trials less the orphans.
+    """
     keep = set(trial_ids)
     study = optuna.load_study(study_name=study_name, storage=storage)
-    closed = 0
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if frozen.user_attrs.get(TRIAL_ID_ATTR) in keep:
+    orphans = set(study.user_attrs.get(ORPHANS_ATTR, []))
+    new = []
+    for frozen in study.get_trials(deepcopy=False):
+        if frozen.user_attrs.get(TRIAL_ID_ATTR) in keep or frozen.number in orphans:
             continue
-        study._storage.set_trial_user_attr(frozen._trial_id, ORPHANED_ATTR, True)
-        study.tell(frozen.number, state=TrialState.FAIL)
-        closed += 1
-    if closed:
-        logger.info("closed %d Optuna trial(s) that a killed driver asked for but Tune never "
-                    "saved (state FAIL, user attribute %s)", closed, ORPHANED_ATTR)
-    return closed
+        if frozen.state == TrialState.RUNNING:
+            study._storage.set_trial_user_attr(frozen._trial_id, ORPHANED_ATTR, True)
+            study.tell(frozen.number, state=TrialState.FAIL)
+        new.append(frozen.number)
+    if new:
+        study.set_user_attr(ORPHANS_ATTR, sorted(orphans | set(new)))
+        logger.info("recorded %d Optuna trial(s) that a killed driver asked for but Tune "
+                    "never saved (study attribute %s; any still RUNNING failed)", len(new),
+                    ORPHANS_ATTR)
+    return len(new)
+
+
+def search_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials that are the search's trials: all but the recorded orphans."""
+    orphans = set(study.user_attrs.get(ORPHANS_ATTR, []))
+    return [t for t in study.get_trials() if t.number not in orphans]
 
 
 def _finite(value: Any) -> bool:
