@@ -5,7 +5,7 @@
 
 (a) **search system**: ``coatnet.search.runner.run_search`` (embedded Ray, Tune + OptunaSearch
     + ASHA, in-process ``TorchTrainer`` trials in reused actors, MLflow in a temp sqlite store),
-    with the fixed candidates enqueued into Optuna (``OptunaSearch(points_to_evaluate=...)``),
+    with the fixed candidates enqueued into Optuna (``StudySearch(enqueue=...)``),
     ``max_concurrent_trials: 1`` and ``asha.grace_period = epochs`` (nothing is stopped early).
 (b) **plain loop**: ``optuna.create_study`` + ``study.optimize`` in this process, the same
     candidates enqueued, each objective calling the same ``train_loop_per_worker`` with a

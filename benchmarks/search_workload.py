@@ -5,8 +5,8 @@ making the search system run exactly those.
   the benchmark's data, trial and search settings (one trial at a time, TPE with every trial a
   start-up trial, ASHA grace period = epochs so nothing stops early).
 - ``fixed_candidates``: feasible candidates drawn from that space by a seeded random sampler.
-- ``enqueue_points``: the runner's searcher (``StudySearch``, an ``OptunaSearch``) made to enqueue those candidates
-  (``points_to_evaluate``), in the driver process only.
+- ``enqueue_points``: the runner's searcher (``StudySearch``) made to enqueue those candidates
+  (its ``enqueue``, what ``search.enqueue`` feeds), in the driver process only.
 - ``trial_params`` / ``multiset``: what the search system's trials actually ran, to compare.
 """
 
@@ -80,7 +80,7 @@ def enqueue_points(points: list[dict[str, Any]]) -> None:
         _overhead_points = points
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["points_to_evaluate"] = [dict(p) for p in points]
+            kwargs["enqueue"] = [dict(p) for p in points]
             super().__init__(*args, **kwargs)
 
     searcher_mod.StudySearch = FixedPointsStudySearch

@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     print("trials: " + ", ".join(f"{n} {s}" for s, n in outcome.status_counts.items() if n))
     print(f"leaderboard:      {outcome.leaderboard_csv}")
     print(f"best config:      {outcome.best_config_yaml or '(no trial produced a result)'}")
+    if outcome.best_test_accuracy is not None:
+        print(f"best on test:     {outcome.best_test_accuracy:.4f} test accuracy (held-out "
+              f"split no trial saw; {outcome.metric} {outcome.best_value:.4f} was selected on)")
     print(f"best checkpoint:  {outcome.best_checkpoint or '-'}")
     print(f"MLflow:           {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
     if outcome.tracking_uri.startswith("sqlite:"):

@@ -9,16 +9,20 @@ is cut on every machine.
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from coatnet import CoAtNetConfig, CoAtNetWithLinearClassifier
 from coatnet.search.runner import SearchOptions, run_search
+from coatnet.search.searcher import search_trials, storage_url
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -159,6 +163,58 @@ def test_results_files_rebuild_the_best_model(finished_search) -> None:
     model = CoAtNetWithLinearClassifier(config).eval()
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4)
     assert outcome.best_checkpoint and Path(outcome.best_checkpoint).is_dir()
+
+
+def test_the_stored_study_tells_how_each_trial_really_ended(finished_search) -> None:
+    """One Optuna trial per Tune trial; ASHA's cuts are PRUNED with their intermediate values,
+    the NaN (lr 1e30) trial FAIL, none RUNNING; each carries its MLflow run id."""
+    outcome, uri = finished_search
+    study = optuna.load_study(study_name="tiny", storage=storage_url(outcome.experiment_dir))
+    assert study.user_attrs.get("orphaned_trials", []) == []  # nothing was killed
+    trials = {t.user_attrs["tune_trial_id"]: t for t in search_trials(study)}
+    assert sorted(trials) == sorted(r.trial_id for r in outcome.rows)
+    states = Counter(t.state.name for t in trials.values())
+    counts = outcome.status_counts
+    assert states["COMPLETE"] == counts["completed"] + counts["infeasible"]
+    assert states["PRUNED"] == counts["early-stopped"] >= 1
+    assert states["FAIL"] == counts["diverged"] + counts["failed"] >= 1
+    assert states["RUNNING"] == 0
+    runs = {r.data.tags["tune_trial_id"]: r.info.run_id
+            for r in child_runs(MlflowClient(uri), outcome.parent_run_id)}
+    for row in outcome.rows:
+        trial = trials[row.trial_id]
+        assert trial.user_attrs["mlflow_run_id"] == runs[row.trial_id]
+        if row.status in ("completed", "early-stopped"):
+            assert sorted(trial.intermediate_values) == list(range(1, row.epochs_done + 1))
+            assert max(trial.intermediate_values.values()) == pytest.approx(row.best_value)
+        if row.status == "completed":
+            assert trial.value == pytest.approx(trial.intermediate_values[row.epochs_done])
+
+
+def test_the_winner_is_reported_on_the_held_out_test_split(finished_search) -> None:
+    outcome, uri = finished_search
+    best = outcome.rows[0]
+    assert best.test_accuracy is not None and 0.0 <= best.test_accuracy <= 1.0
+    assert outcome.best_test_accuracy == best.test_accuracy
+    assert all(r.test_accuracy is None for r in outcome.rows[1:])  # only the winner
+    with outcome.leaderboard_csv.open() as handle:
+        first = next(csv.DictReader(handle))
+    assert float(first["test_accuracy"]) == pytest.approx(best.test_accuracy)
+    client = MlflowClient(uri)
+    assert client.get_run(outcome.parent_run_id).data.metrics["best_test_accuracy"] == \
+        pytest.approx(best.test_accuracy)
+    runs = {r.data.tags["tune_trial_id"]: r for r in child_runs(client, outcome.parent_run_id)}
+    assert runs[best.trial_id].data.metrics["test_accuracy"] == pytest.approx(best.test_accuracy)
+    assert all("test_accuracy" not in r.data.metrics
+               for t, r in runs.items() if t != best.trial_id)
+    # the figure is the checkpoint's accuracy on the test split, recomputed here
+    from coatnet.search.evaluation import held_out_accuracy
+    from coatnet.search.space import load_space
+
+    space = load_space(outcome.experiment_dir.parent.parent / "tiny.yaml")
+    again = held_out_accuracy(checkpoint=best.checkpoint, data=space.data.model_dump(),
+                              seed=space.search.seed)
+    assert again == pytest.approx(best.test_accuracy)
 
 
 def test_bad_space_exits_2_and_creates_nothing(tmp_path) -> None:

@@ -125,3 +125,56 @@ def test_the_searcher_pickles_with_its_storage(tmp_path: Path) -> None:
     copy = pickle.loads(pickle.dumps(search))
     run(copy, "x", [0.1, 0.2, 0.3, 0.9])
     assert stored(tmp_path)["x"].value == pytest.approx(0.9)
+
+
+ENQUEUE_SPACE = """\
+data: {dataset: synthetic, image_size: 32}
+trial: {epochs: 4}
+search:
+  num_samples: 6
+  enqueue:
+    - {model: {layout: CCCC, depth: {s1: 2}}, train: {lr: 0.003}}
+    - {model.layout: CCTT, model.head_dim: 16, train.lr: 0.0002}
+model:
+  layout: {type: categorical, choices: [CCTT, CCCC]}
+  head_dim: {type: categorical, choices: [16, 32]}
+  depth: {s0: 1, s1: {type: int, low: 1, high: 2}, s2: 1, s3: 1, s4: 1}
+  channels: {s0: 16, s1: 16, s2: 32, s3: 64, s4: 64}
+train: {lr: {type: float, low: 1e-4, high: 1e-2, log: true}, batch_size: 32}
+"""
+
+
+def test_enqueued_configurations_are_the_first_trials_once(tmp_path: Path) -> None:
+    from coatnet.search.contracts import Candidate
+    from coatnet.search.space import load_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text(ENQUEUE_SPACE)
+    space = load_space(path)
+    assert space.search.enqueue == [
+        {"model.layout": "CCCC", "model.depth.s1": 2, "train.lr": 0.003},
+        {"model.layout": "CCTT", "model.head_dim": 16, "train.lr": 0.0002}]
+
+    def make_search() -> StudySearch:
+        return StudySearch(space=space.define_by_run, metric="val_accuracy", mode="max",
+                           sampler=optuna.samplers.TPESampler(seed=0),
+                           storage=storage_url(tmp_path), study_name="s", max_epochs=EPOCHS,
+                           enqueue=space.search.enqueue, run_id_of=lambda t: f"run-{t}")
+
+    search = make_search()
+    first, second, third = (Candidate.from_dict(search.suggest(t)["candidate"])
+                            for t in ("a", "b", "c"))
+    assert list(first.model["block_type_in_layers"]) == list("CCCC")
+    assert first.model["num_blocks_in_layers"][1] == 2 and first.hparams.lr == 0.003
+    assert list(second.model["block_type_in_layers"]) == list("CCTT")
+    assert second.model["head_dim"] == 16 and second.hparams.lr == 0.0002
+    run(search, "a", [0.1, 0.2, 0.3, 0.4])
+    trials = stored(tmp_path)
+    assert trials["a"].user_attrs["enqueued"] and trials["b"].user_attrs["enqueued"]
+    assert "enqueued" not in trials["c"].user_attrs
+    assert trials["a"].user_attrs["mlflow_run_id"] == "run-a"
+    # a later driver over the same stored study does not enqueue them again
+    make_search()
+    study = optuna.load_study(study_name="s", storage=storage_url(tmp_path))
+    assert len(study.get_trials()) == 3
+    assert third.hparams.lr not in (0.003, 0.0002)

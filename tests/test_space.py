@@ -209,7 +209,10 @@ def test_shipped_spaces_load(name: str, imagenet_dir: Path) -> None:
 
 def test_small_space_is_the_quick_cpu_default() -> None:
     space = load_space(SPACES / "coatnet_small.yaml")
-    assert space.data.dataset == "digits" and space.data.image_size == 32
+    assert space.data.dataset == "mnist5k" and space.data.image_size == 32
+    assert space.data.val_fraction * 5000 >= 1000  # one error is not a tie-breaker
+    assert space.data.test_fraction > 0  # the winner is reported on held-out images
+    assert space.search.enqueue == [{"model.layout": "CCTT"}]
     assert (space.num_classes, space.image_channel) == (10, 1)
     assert space.trial.use_gpu is False and space.trial.num_workers == 1
     assert space.search.max_concurrent_trials == 2

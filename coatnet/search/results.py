@@ -42,6 +42,7 @@ class LeaderboardRow:
     candidate: Candidate | None  # None only for a trial Tune never gave a config
     checkpoint: str | None
     error: str | None = None
+    test_accuracy: float | None = None  # held-out test split; only the winners are evaluated
 
     @property
     def model(self) -> Mapping[str, Any]:
@@ -53,6 +54,7 @@ class LeaderboardRow:
         hparams = self.candidate.hparams.to_dict() if self.candidate else {}
         return {
             "trial_id": self.trial_id, "status": self.status, f"best_{metric}": self.best_value,
+            "test_accuracy": self.test_accuracy,
             "epochs_done": self.epochs_done, "params": self.params, "macs": self.macs,
             "layout": "".join(model.get("block_type_in_layers") or []),
             "depths": _join(model.get("num_blocks_in_layers")),
@@ -135,6 +137,7 @@ def write_best_config(row: LeaderboardRow, path: Path, *, metric: str) -> None:
         "model": dict(row.model) or None,
         "hparams": row.candidate.hparams.to_dict() if row.candidate else None,
         "result": {"trial_id": row.trial_id, metric: row.best_value,
+                   "test_accuracy": row.test_accuracy,
                    "epochs_done": row.epochs_done, "params": row.params, "macs": row.macs,
                    "checkpoint": row.checkpoint},
     }

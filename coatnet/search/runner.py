@@ -10,6 +10,7 @@ the Optuna study carries on and MLflow keeps one child run per trial.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -46,6 +47,7 @@ class SearchOutcome:
     tracking_uri: str
     rows: list[Any]
     metric: str
+    best_test_accuracy: float | None = None  # the winner on the held-out test split
     mlflow_pending: int = 0  # MLflow operations not delivered (sync_mlflow.py sends them)
 
 
@@ -140,7 +142,8 @@ def _tuner(plan: SearchPlan, *, tune_storage: str, parent_run_id: str, mlflow_st
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=settings.metric, mode=settings.mode, search_alg=_searcher(plan),
+            metric=settings.metric, mode=settings.mode,
+            search_alg=_searcher(plan, mlflow_state=mlflow_state),
             scheduler=_scheduler(plan), num_samples=settings.num_samples,
             max_concurrent_trials=concurrency, reuse_actors=True,
             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
@@ -156,10 +159,11 @@ def _tuner(plan: SearchPlan, *, tune_storage: str, parent_run_id: str, mlflow_st
             failure_config=tune.FailureConfig(max_failures=plan.trial.max_failures)))
 
 
-def _searcher(plan: SearchPlan) -> Any:
+def _searcher(plan: SearchPlan, *, mlflow_state: Path) -> Any:
     import optuna
 
     from coatnet.search.searcher import StudySearch, storage_url
+    from coatnet.search.tracking.records import RecordedRunIds
 
     settings = plan.space.search
     if settings.searcher == "tpe":
@@ -172,13 +176,16 @@ def _searcher(plan: SearchPlan) -> Any:
     return StudySearch(space=functools.partial(plan.space.define_by_run, set_constraints=True),
                        metric=settings.metric, mode=settings.mode, sampler=sampler,
                        storage=storage_url(plan.experiment_dir), study_name=plan.name,
-                       max_epochs=plan.trial.epochs)
+                       max_epochs=plan.trial.epochs, enqueue=settings.enqueue,
+                       run_id_of=RecordedRunIds(str(mlflow_state)))
 
 
 def _scheduler(plan: SearchPlan) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     asha = plan.space.search.asha
+    if asha is None:  # search.asha: null - every trial runs all its epochs (Tune's FIFO)
+        return None
     return ASHAScheduler(time_attr="epochs_done", max_t=plan.trial.epochs,
                          grace_period=asha.grace_period,
                          reduction_factor=asha.reduction_factor, brackets=asha.brackets)
@@ -207,11 +214,15 @@ def _export(plan: SearchPlan, grid: Any, *, parent_run_id: str) -> SearchOutcome
     metric, mode = plan.space.search.metric, plan.space.search.mode
     rows = results_mod.leaderboard(grid, metric=metric, mode=mode,
                                    max_epochs=plan.trial.epochs)
+    rows = _with_test_accuracy(plan, rows)
     files = results_mod.export(rows, plan.experiment_dir, metric=metric)
     counts = results_mod.status_counts(rows)
     best = files.best
     finish = {
         "status_counts": counts, "best_value": None if best is None else best.best_value,
+        "test_accuracy": {r.trial_id: r.test_accuracy for r in rows
+                          if r.test_accuracy is not None},
+        "best_trial_id": None if best is None else best.trial_id,
         "leaderboard_csv": str(files.leaderboard_csv),
         "best_config_yaml": None if files.best_config_yaml is None
         else str(files.best_config_yaml),
@@ -233,9 +244,20 @@ def _export(plan: SearchPlan, grid: Any, *, parent_run_id: str) -> SearchOutcome
                          best_config_yaml=files.best_config_yaml,
                          best_checkpoint=None if best is None else best.checkpoint,
                          best_value=None if best is None else best.best_value,
+                         best_test_accuracy=None if best is None else best.test_accuracy,
                          status_counts=counts, parent_run_id=parent_run_id,
                          tracking_uri=plan.tracking_uri, rows=rows, metric=metric,
                          mlflow_pending=pending)
+
+
+def _with_test_accuracy(plan: SearchPlan, rows: list[Any]) -> list[Any]:
+    """The rows, the winner's carrying its accuracy on the held-out test split."""
+    from coatnet.search.evaluation import evaluate_rows
+
+    winners = [r for r in rows if r.best_value is not None][:1]
+    scores = evaluate_rows(winners, data=plan.data, seed=plan.space.search.seed)
+    return [dataclasses.replace(r, test_accuracy=scores[r.trial_id])
+            if r.trial_id in scores else r for r in rows]
 
 
 def _close_study(plan: SearchPlan, *, trial_ids: list[str]) -> None:

@@ -7,7 +7,11 @@
   (``optuna.db``), so ``optuna.load_study`` and ``optuna-dashboard sqlite:///.../optuna.db``
   read it while the search runs and after. Every ask is on disk before Tune even creates the
   trial, so the study is never behind Tune's saved state; each Optuna trial carries the Tune
-  trial id as the user attribute ``tune_trial_id``.
+  trial id as the user attribute ``tune_trial_id`` and, once it ends, its MLflow child run id
+  as ``mlflow_run_id``.
+* **Known configurations go first, once.** ``enqueue`` (the space's ``search.enqueue``) is
+  enqueued into a new study only (Ray would enqueue again into the stored study on every
+  fresh start), marked ``enqueued``.
 * **A restored searcher may not know a trial.** Tune saves (and copies to storage, in the
   background) its experiment state and the searcher's pickle one after the other; a driver
   killed in between leaves a searcher older than the trials Tune restores, and Ray's
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,8 @@ logger = logging.getLogger(__name__)
 STUDY_FILE = "optuna.db"
 TRIAL_ID_ATTR = "tune_trial_id"
 ORPHANED_ATTR = "orphaned"
+RUN_ID_ATTR = "mlflow_run_id"
+ENQUEUED_ATTR = "enqueued"
 ORPHANS_ATTR = "orphaned_trials"
 
 
@@ -58,13 +64,24 @@ class StudySearch(OptunaSearch):
 
     def __init__(self, *, space: Any, metric: str, mode: str, sampler: optuna.samplers.BaseSampler,
                  storage: str, study_name: str, max_epochs: int,
-                 points_to_evaluate: list[dict[str, Any]] | None = None) -> None:
+                 enqueue: Sequence[Mapping[str, Any]] = (),
+                 run_id_of: Callable[[str], str | None] | None = None) -> None:
         self._max_epochs = int(max_epochs)
         self._reported: dict[str, set[int]] = {}
+        self._enqueue = [dict(point) for point in enqueue]
+        self._run_id_of = run_id_of
         super().__init__(space=space, metric=metric, mode=mode, sampler=sampler,
                          study_name=study_name,
-                         storage=optuna.storages.RDBStorage(storage),
-                         points_to_evaluate=points_to_evaluate)
+                         storage=optuna.storages.RDBStorage(storage))
+
+    def _setup_study(self, mode: str | list[str]) -> None:
+        super()._setup_study(mode)
+        # A new study only: a driver killed after enqueueing left them WAITING (asked next)
+        if self._enqueue and not self._ot_study.get_trials(deepcopy=False):
+            for point in self._enqueue:
+                self._ot_study.enqueue_trial(point, user_attrs={ENQUEUED_ATTR: True})
+            logger.info("enqueued %d known configuration(s) to be evaluated first",
+                        len(self._enqueue))
 
     # ------------------------------------------------------------------ Tune's calls
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
@@ -105,7 +122,10 @@ class StudySearch(OptunaSearch):
             logger.warning("trial %s is not in the Optuna study; not told", trial_id)
             return
         state, value = self._outcome(result or {}, error=error)
+        run_id = self._run_id_of(trial_id) if self._run_id_of is not None else None
         try:
+            if run_id:
+                trial.set_user_attr(RUN_ID_ATTR, run_id)
             self._ot_study.tell(trial, value, state=state, skip_if_finished=True)
         except Exception as err:  # noqa: BLE001 - the searcher must never stop the search
             logger.warning("could not tell Optuna how trial %s ended: %s", trial_id, err)

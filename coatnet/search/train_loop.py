@@ -63,7 +63,7 @@ def node_id() -> str:
     return socket.gethostname() or platform.node()
 
 
-def _build_model(model_config: Mapping[str, Any], info: DatasetInfo) -> nn.Module:
+def build_model(model_config: Mapping[str, Any], info: DatasetInfo) -> nn.Module:
     from coatnet import CoAtNetConfig, CoAtNetWithLinearClassifier
 
     cfg = CoAtNetConfig.from_dict(model_config)
@@ -178,7 +178,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             reporter.report(_diverged(static, epoch=epoch, lr=lr, epoch_start=epoch_start),
                             state=None, epoch=epoch)
             return
-        val_loss, val_accuracy = _evaluate(run.model, run.val_loader, run.criterion,
+        val_loss, val_accuracy = evaluate(run.model, run.val_loader, run.criterion,
                                            device=run.device, autocast=run.autocast,
                                            world_size=world_size)
         report = EpochReport(**static, train_loss=train_loss, val_loss=val_loss,
@@ -234,7 +234,7 @@ def _setup(loop: LoopConfig, reporter: Reporter) -> _Run:
     _seed_everything(loop.seed + reporter.world_rank)
 
     train_ds, val_ds, info = load_datasets(loop.data, seed=loop.seed)
-    model = _build_model(loop.model, info)
+    model = build_model(loop.model, info)
     params = sum(p.numel() for p in model.parameters())
     # No memory-format conversion here: the model runs channels-last on every device.
     if on_gpu:
@@ -325,8 +325,9 @@ def _diverged(static: Mapping[str, Any], *, epoch: int, lr: float,
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, *,
-              device: torch.device, autocast: Any, world_size: int) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, *,
+             device: torch.device, autocast: Any, world_size: int) -> tuple[float, float]:
+    """(mean loss, accuracy) over ``loader``, summed across the worker group."""
     model.eval()
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
     for images, labels in loader:

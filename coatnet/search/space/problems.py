@@ -7,6 +7,7 @@ translated into the same form (``from_pydantic``). ``error()`` formats them as
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,8 +69,11 @@ def _fields_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
     for part in loc:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         annotation = getattr(field, "annotation", None)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
+        # an optional section (``AshaSection | None``): the model inside it
+        options = [annotation, *typing.get_args(annotation)]
+        nested = [a for a in options if isinstance(a, type) and issubclass(a, BaseModel)]
+        if nested:
+            model = nested[0]
         else:
             break
     return sorted(model.model_fields)

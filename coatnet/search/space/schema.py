@@ -45,9 +45,10 @@ class _Strict(BaseModel):
 class DataSection(_Strict):
     """Which data a trial trains on (``data:``)."""
 
-    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"]
+    dataset: Literal["digits", "mnist5k", "cifar10", "cifar100", "imagefolder", "synthetic"]
     image_size: int = Field(ge=32)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # held out from every trial
     data_dir: str | None = None
     cache_dir: str | None = None
     path: str | None = None
@@ -90,7 +91,9 @@ class SearchSection(_Strict):
     seed: int = 0
     searcher: Literal["tpe", "random"] = "tpe"
     n_startup_trials: int = Field(5, ge=0)
-    asha: AshaSection = Field(default_factory=AshaSection)
+    asha: AshaSection | None = Field(default_factory=AshaSection)  # null: no early stopping
+    # configurations evaluated first (coatnet.search.space.warmstart); flat after loading
+    enqueue: list[Any] = Field(default_factory=list)
 
 
 class ConstraintSection(_Strict):

@@ -124,16 +124,22 @@ class SearchSpace:
         if self.data.dataset == "synthetic":
             data_changes["num_samples"] = min(self.data.num_samples or 256, 256)
         num_samples = min(self.search.num_samples, 3)
+        train = self.train
+        warmup = self.train.warmup_epochs
+        enqueue = list(self.search.enqueue)
+        if max(_values(warmup)) > epochs:
+            train = train.model_copy(update={"warmup_epochs": min(_smallest(warmup), epochs)})
+            # warm-up is fixed now: enqueued configurations no longer choose it
+            enqueue = [{k: v for k, v in point.items() if k != "train.warmup_epochs"}
+                       for point in enqueue]
         search = self.search.model_copy(update={
+            "enqueue": [point for point in enqueue if point],
             "num_samples": num_samples,
             "max_concurrent_trials": min(self.search.max_concurrent_trials or 2, 2),
             "n_startup_trials": min(self.search.n_startup_trials, num_samples),
-            "asha": self.search.asha.model_copy(update={"grace_period": 1}),
+            "asha": None if self.search.asha is None
+            else self.search.asha.model_copy(update={"grace_period": 1}),
         })
-        train = self.train
-        warmup = self.train.warmup_epochs
-        if max(_values(warmup)) > epochs:
-            train = train.model_copy(update={"warmup_epochs": min(_smallest(warmup), epochs)})
         return dataclasses.replace(
             self, data=self.data.model_copy(update=data_changes),
             trial=self.trial.model_copy(update={"epochs": epochs}),

@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +114,16 @@ class TrialRecords:
                         mine[key] = max(int(value or 0), int(mine.get(key, 0) or 0))
                     elif mine.get(key) is None:
                         mine[key] = value
+
+
+@dataclass(frozen=True)
+class RecordedRunIds:
+    """The MLflow child run id recorded for a Tune trial in ``path`` (None before its run
+    exists); a picklable lookup for the searcher, which Tune pickles with its state."""
+
+    path: str
+
+    def __call__(self, trial_id: str) -> str | None:
+        record = (read_json(Path(self.path)) or {}).get(trial_id)
+        run_id = record.get("run_id") if isinstance(record, dict) else None
+        return str(run_id) if run_id else None

@@ -215,6 +215,23 @@ def delete_unknown_trial_runs(*, tracking_uri: str, parent_run_id: str,
     return deleted
 
 
+def log_test_accuracy(*, tracking_uri: str, parent_run_id: str,
+                      test_accuracy: dict[str, float], best_trial_id: str | None) -> None:
+    """The held-out test figures: ``test_accuracy`` on each evaluated trial's child run, and
+    the winner's as ``best_test_accuracy`` on the parent."""
+    if not test_accuracy:
+        return
+    client = MlflowClient(tracking_uri)
+    now = now_ms()
+    runs = search_trial_ids(tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+    for trial_id, value in test_accuracy.items():
+        for run_id in runs.get(trial_id, []):
+            client.log_batch(run_id, metrics=[Metric("test_accuracy", float(value), now, 0)])
+    if best_trial_id in test_accuracy:
+        client.log_batch(parent_run_id, metrics=[
+            Metric("best_test_accuracy", float(test_accuracy[best_trial_id]), now, 0)])
+
+
 # --------------------------------------------------------------------------- unsent data
 
 
@@ -238,6 +255,9 @@ def finish_search_run(*, experiment_dir: Path | str, tracking_uri: str, parent_r
                                       trial_ids=trial_ids)
         close_orphaned_runs(tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                             keep_run_ids=())
+        log_test_accuracy(tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                          test_accuracy=dict(finish.get("test_accuracy") or {}),
+                          best_trial_id=finish.get("best_trial_id"))
         finish_parent_run(
             tracking_uri=tracking_uri, run_id=parent_run_id,
             status_counts=finish["status_counts"], best_value=finish["best_value"],
