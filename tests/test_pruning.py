@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pyarrow.fs
 import ray.tune
 
-from coatnet.search.checkpoints import CHECKPOINT_FILE, PRUNED_MARKER, save_state
+from coatnet.search.checkpoints import CHECKPOINT_FILE, EPOCH_FILE, PRUNED_MARKER, save_state
 from coatnet.search.pruning import CheckpointPruner
 from coatnet.search.reporting import _load_checkpoint_with_fallback
 
@@ -34,8 +34,9 @@ def test_pruner_keeps_newest_and_best_and_tombstones_the_rest(tmp_path: Path) ->
     # best two by score (0.9, 0.7) and the newest (0.1)
     assert whole == {"checkpoint_000001", "checkpoint_000003", "checkpoint_000004"}
     assert pruned == {"checkpoint_000000", "checkpoint_000002"}
-    assert all(sorted(c.name for c in (tmp_path / name).iterdir()) == [PRUNED_MARKER]
-               for name in pruned)  # the payload and its digest are gone, the directory stays
+    # the payload and its digest are gone; the directory stays with its epoch sidecar
+    assert all(sorted(c.name for c in (tmp_path / name).iterdir()) == [PRUNED_MARKER, EPOCH_FILE]
+               for name in pruned)
     restored = CheckpointPruner(keep=2, metric="val_accuracy", mode="max")
     restored.set_state(pruner.get_state())
     assert restored.get_state() == pruner.get_state()
