@@ -46,3 +46,25 @@ def test_a_torn_generator_state_sets_its_session_aside(tmp_path: Path) -> None:
     generator = tmp_path / "search_gen_state-b.json"
     generator.write_bytes(generator.read_bytes()[:-3])
     assert set_aside_torn_sessions(tmp_path) == ["b"]
+
+
+def test_a_failed_trials_logs_reach_storage_before_its_restart(tmp_path: Path) -> None:
+    """Tune restores a restarted trial's result logs from storage: the keeper puts the
+    staging copies (all epochs so far) there first."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+
+    from coatnet.search.restore import TrialLogKeeper
+
+    staging, storage = tmp_path / "staging" / "trial_1", tmp_path / "storage" / "trial_1"
+    staging.mkdir(parents=True)
+    storage.mkdir(parents=True)
+    (staging / "result.json").write_text('{"epochs_done": 1}\n{"epochs_done": 2}\n')
+    (staging / "progress.csv").write_text("epochs_done\n1\n2\n")
+    (storage / "result.json").write_text('{"epochs_done": 1}\n')  # synced one save ago
+    trial = SimpleNamespace(trial_id="1", local_path=str(staging), storage=SimpleNamespace(
+        trial_fs_path=str(storage), storage_filesystem=pyarrow.fs.LocalFileSystem()))
+    TrialLogKeeper().on_trial_recover(iteration=3, trials=[trial], trial=trial)
+    assert (storage / "result.json").read_text().count("epochs_done") == 2
+    assert (storage / "progress.csv").read_text() == "epochs_done\n1\n2\n"

@@ -50,6 +50,11 @@ class DriverLock:
         os.pwrite(fd, json.dumps(record).encode(), 0)
         self._fd = fd
 
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the lock (acquired, not yet released)."""
+        return self._fd is not None
+
     def release(self) -> None:
         if self._fd is None:
             return

@@ -154,8 +154,12 @@ class TuneReporter(Reporter):
 
         checkpoint = ray.tune.get_checkpoint()
         if checkpoint is None:
-            return None
-        self.named_epoch = checkpoint_epoch(checkpoint.filesystem, checkpoint.path)
+            checkpoint = unsaved_trial_checkpoint()
+            if checkpoint is None:
+                return None
+            self.named_epoch = 0  # Tune knew of no epoch: every one is reported again
+        else:
+            self.named_epoch = checkpoint_epoch(checkpoint.filesystem, checkpoint.path)
         return _load_checkpoint_with_fallback(checkpoint)
 
     def report(self, metrics: dict[str, Any], *, state: dict[str, Any] | None,
@@ -271,6 +275,34 @@ def _remote_siblings(filesystem: Any, path: str) -> list[str]:
             and _CHECKPOINT_DIR.match(i.base_name) and not is_pruned(filesystem, i.path)]
     ordered = [str(p) for p in newest_first(dirs)]
     return ordered or [path]
+
+
+def unsaved_trial_checkpoint() -> Any | None:
+    """The newest intact checkpoint in this Tune trial's own directory, when Tune names none.
+
+    A driver killed before Tune saved any checkpoint of a running (or just finished) trial
+    leaves Tune a state in which the trial has none, while the trial's directory holds the
+    checkpoints it wrote; without this the resumed trial would train again from scratch.
+    """
+    try:
+        import ray.tune
+        from ray.train._internal.session import get_session
+
+        storage = get_session().storage
+        filesystem, trial_dir = storage.storage_filesystem, storage.trial_fs_path
+        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(trial_dir, recursive=False,
+                                                                 allow_not_found=True))
+    except Exception:  # no Tune session (unit tests) or an unreadable directory: scratch
+        return None
+    found = [str(p) for p in newest_first(
+        i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+        and _CHECKPOINT_DIR.match(i.base_name) and not is_pruned(filesystem, i.path))]
+    if not found:
+        return None
+    logger.warning("Tune's saved state names no checkpoint for this trial, but its directory "
+                   "holds %d (a driver was killed before Tune saved them): resuming from %s",
+                   len(found), found[0])
+    return ray.tune.Checkpoint(path=found[0], filesystem=filesystem)
 
 
 def _experiment_roots() -> list[str]:

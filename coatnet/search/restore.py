@@ -1,4 +1,6 @@
-"""Before ``Tuner.restore``: set aside Tune state files that a killed driver left torn.
+"""What a restore needs kept whole: Tune state files that a killed driver left torn are set
+aside before ``Tuner.restore``, and a failed trial's result logs reach storage before Tune
+restarts it (``TrialLogKeeper``).
 
 Each driver session writes its own ``experiment_state-<session>.json`` (and the searcher's,
 the search generator's and the callbacks' state next to it), rewriting them every few seconds
@@ -17,6 +19,10 @@ import logging
 import pickle
 import shutil
 from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+from ray.tune import Callback
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +30,7 @@ TORN_DIR = "torn-state"
 _FILES = ("experiment_state-{}.json", "search_gen_state-{}.json", "searcher-state-{}.pkl",
           "callback-states-{}.pkl")
 _PREFIX, _SUFFIX = "experiment_state-", ".json"
+_TRIAL_LOGS = ("result.json", "progress.csv")
 
 
 def sessions(experiment_dir: Path) -> list[str]:
@@ -68,3 +75,31 @@ def _reads_whole(experiment_dir: Path, session: str) -> bool:
         except Exception:  # noqa: BLE001 - any failure to read means torn
             return False
     return True
+
+
+class TrialLogKeeper(Callback):
+    """Copies a failed trial's result logs to storage before Tune restarts it.
+
+    Tune's loggers write ``result.json`` / ``progress.csv`` in the driver's staging directory
+    and copy them to storage only with its periodic experiment save; when a trial is
+    restarted after a failure (a raising or OOM-killed trial process), Tune first copies the
+    storage copy back over the staging one (``LoggerCallback._restore_from_remote``). A
+    failure within a save period would so erase the epochs logged since the last save, and
+    with them the leaderboard's history of that trial. ``on_trial_recover`` runs after Tune
+    schedules the restart and before the restarted trial starts logging.
+    """
+
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any,
+                         **info: Any) -> None:
+        storage = trial.storage
+        for name in _TRIAL_LOGS:
+            local = Path(trial.local_path, name)
+            remote = f"{storage.trial_fs_path.rstrip('/')}/{name}"
+            if not local.is_file() or str(local.resolve()) == str(Path(remote).resolve()):
+                continue
+            try:
+                pyarrow.fs.copy_files(str(local), remote,
+                                      destination_filesystem=storage.storage_filesystem)
+            except Exception as err:  # noqa: BLE001 - a log copy must never stop a search
+                logger.warning("could not copy %s of trial %s to storage before its restart: "
+                               "%s", name, trial.trial_id, err)

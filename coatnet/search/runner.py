@@ -10,11 +10,15 @@ the Optuna study carries on and MLflow keeps one child run per trial.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ from coatnet.search.faults import FaultPlan
 from coatnet.search.interrupts import InterruptWatch
 from coatnet.search.lock import DriverLock
 from coatnet.search.plan import STATE_FILE, SearchOptions, SearchPlan, plan_search, write_state
-from coatnet.search.restore import set_aside_torn_sessions
+from coatnet.search.restore import TrialLogKeeper, set_aside_torn_sessions
 
 logger = logging.getLogger("coatnet.search")
 
@@ -65,13 +69,20 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     # Tune saves its experiment state every 10+ s by default; what a killed driver did since
     # the last save is redone (trials it started are sampled anew). 5 s loses less.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SAVE_PERIOD_S)
-    _init_ray(options.address)
-    cluster.check_storage(raw=options.storage_path, local_root=plan.storage_path,
-                          alive_nodes=cluster.alive_node_count())
-    with DriverLock(plan.experiment_dir, name=plan.name):  # a second driver is refused here
-        if not plan.resuming and (plan.experiment_dir / STATE_FILE).exists():
-            plan = plan_search(options)  # a driver that held the lock before us started it
+    lock = DriverLock(plan.experiment_dir, name=plan.name)
+    try:
+        if plan.experiment_dir.is_dir():  # an existing search: refuse a second driver at once,
+            lock.acquire()                # before Ray starts (a new one creates nothing yet)
+        _init_ray(options.address)
+        cluster.check_storage(raw=options.storage_path, local_root=plan.storage_path,
+                              alive_nodes=cluster.alive_node_count())
+        if not lock.held:
+            lock.acquire()  # a second driver of a new search is refused here
+            if not plan.resuming and (plan.experiment_dir / STATE_FILE).exists():
+                plan = plan_search(options)  # a driver that held the lock before us began it
         return _run_locked(plan, options)
+    finally:
+        lock.release()
 
 
 def _run_locked(plan: SearchPlan, options: SearchOptions) -> SearchOutcome:
@@ -111,7 +122,8 @@ def _run_locked(plan: SearchPlan, options: SearchOptions) -> SearchOutcome:
                        len(unfinished))
         _mark_interrupted(plan, parent_run_id)
         raise _interrupted_error(plan, options)
-    return _export(plan, grid, parent_run_id=parent_run_id)
+    with _ctrl_c_waits():
+        return _export(plan, grid, parent_run_id=parent_run_id)
 
 
 def _tuner(plan: SearchPlan, *, tune_storage: str, parent_run_id: str, mlflow_state: Path,
@@ -202,8 +214,24 @@ def _callbacks(plan: SearchPlan, *, parent_run_id: str, mlflow_state: Path) -> l
         max_epochs=epochs, metric=settings.metric, mode=settings.mode)
     pruner = CheckpointPruner(keep=plan.trial.keep_checkpoints, metric=settings.metric,
                               mode=settings.mode)
-    return [tracker, pruner, ProgressCallback(metric=settings.metric, mode=settings.mode,
-                                              max_epochs=epochs)]
+    return [tracker, pruner, TrialLogKeeper(),
+            ProgressCallback(metric=settings.metric, mode=settings.mode, max_epochs=epochs)]
+
+
+@contextlib.contextmanager
+def _ctrl_c_waits() -> Iterator[None]:
+    """Every trial has ended: a Ctrl-C while the results are written would only lose the
+    outcome of a finished search (the parent run may be FINISHED already), so it is ignored
+    until they are (main thread only; the previous handler comes back)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logger.info("all trials ended: writing the results (Ctrl-C waits until they are written)")
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _export(plan: SearchPlan, grid: Any, *, parent_run_id: str) -> SearchOutcome:

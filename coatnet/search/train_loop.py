@@ -219,8 +219,9 @@ def _report_unseen(reporter: Reporter, history: list[dict[str, Any]], *, start_e
     if unseen:
         logger.info("reporting epochs %s again: Tune's saved state ends at epoch %d",
                     [m["epochs_done"] for m in unseen], named)
-    for metrics in unseen:
-        reporter.report(dict(metrics), state=None, epoch=int(metrics["epochs_done"]))
+    for metrics in unseen:  # marked as replayed: resumed_from_epoch >= epochs_done
+        reporter.report({**metrics, "resumed_from_epoch": start_epoch}, state=None,
+                        epoch=int(metrics["epochs_done"]))
 
 
 def _setup(loop: LoopConfig, reporter: Reporter) -> _Run:

@@ -216,9 +216,13 @@ def _run_worker_group(loop_config: LoopConfig) -> None:
     started_at = time.time()
     trial = loop_config.trial
     trial_id = _trial_id()
-    restored = ray.tune.get_checkpoint()
+    from coatnet.search.reporting import unsaved_trial_checkpoint
+
+    # Tune restored this trial: start from its last checkpoint (or, when Tune's saved state
+    # names none, from the newest one in the trial's directory)
+    restored = ray.tune.get_checkpoint() or unsaved_trial_checkpoint()
     resume_from = None
-    if restored is not None:  # Tune restored this trial: start from its last checkpoint
+    if restored is not None:
         resume_from = restored.path
     runtime = LoopRuntime(report_to=REPORT_TO_TRAIN, resume_from=resume_from,
                           started_at=started_at)
