@@ -1,6 +1,6 @@
 """Search efficiency: what each method finds per epoch of compute, over seeds, in one run.
 
-    python benchmarks/search_efficiency.py [--seeds 5] [--budget 48] [--epochs 6]
+    python benchmarks/search_efficiency.py [--seeds 5] [--budget 40] [--epochs N]
         [--space search_spaces/coatnet_small.yaml] [--methods random,random_asha,optuna,ours,
         ours_complete] [--out benchmarks/results/search_efficiency.md]
 
@@ -111,11 +111,12 @@ def _patch_run_config(stopper: Any) -> Any:
 
     original = tune.RunConfig
 
-    def run_config(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("stop", stopper)
-        return original(*args, **kwargs)
+    class RunConfig(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("stop", stopper)
+            super().__init__(*args, **kwargs)
 
-    tune.RunConfig = run_config
+    tune.RunConfig = RunConfig
     return lambda: setattr(tune, "RunConfig", original)
 
 
@@ -141,16 +142,21 @@ def _patch_complete_reporting() -> Any:
 
 def run_ray_method(method: str, space: Path, *, tmp: Path, sink: Path, budget: int) -> None:
     from coatnet.search import trial
+    from coatnet.search.errors import SearchInterrupted
     from coatnet.search.runner import SearchOptions, run_search
 
-    undo = [_patch_run_config(_Budget(budget).stopper)]
+    # random runs exactly budget / epochs trials; the others are ended by the budget stopper
+    undo = [] if method == "random" else [_patch_run_config(_Budget(budget).stopper)]
     if method == "ours_complete":
         undo.append(_patch_complete_reporting())
     original_run_trial = trial.run_trial
     trial.run_trial = probes.recording_run_trial_for(sink=str(sink), method=method)
     try:
         run_search(SearchOptions(space=space, name=space.stem, storage_path=str(tmp / "runs"),
-                                 mlflow_uri=f"sqlite:///{tmp / 'mlflow.db'}"))
+                                 # one store for every run: a new SQLite store costs seconds
+                                 mlflow_uri=f"sqlite:///{tmp.parent / 'mlflow.db'}"))
+    except SearchInterrupted:
+        pass  # the budget stopper ended trials still running: what they reported is recorded
     finally:
         trial.run_trial = original_run_trial
         for step in undo:
@@ -311,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--space", type=Path,
                         default=REPO / "search_spaces" / "coatnet_small.yaml")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--budget", type=int, default=48, help="epochs per run")
-    parser.add_argument("--epochs", type=int, default=6, help="most epochs per trial")
+    parser.add_argument("--budget", type=int, default=40, help="epochs per run")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="most epochs per trial (default: the space's trial.epochs)")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", type=Path,
@@ -322,8 +329,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
-    if args.budget < args.epochs:
-        parser.error("--budget must be at least --epochs")
     started, host = harness.now(), harness.host()
 
     import ray
@@ -333,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     from coatnet.search import runner
 
     base = yaml.safe_load(args.space.read_text())
+    if args.epochs is None:
+        args.epochs = int(base["trial"]["epochs"])
+    if args.budget < args.epochs:
+        parser.error("--budget must be at least --epochs")
     tmp = Path(tempfile.mkdtemp(prefix="coatnet-efficiency-"))
     rows: dict[str, list[list[dict[str, Any]]]] = {m: [] for m in methods}
     walls: dict[str, list[float]] = {m: [] for m in methods}

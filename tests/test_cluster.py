@@ -390,8 +390,10 @@ def test_upload_leaves_out_history_environments_and_results(tmp_path: Path) -> N
     names = zipfile.ZipFile(target).namelist()
     assert "experiments/search.py" in names and "coatnet/search/runner.py" in names
     assert "runtime_env.yaml" in names
-    banned = (".git/", ".venv/", "mlruns/", "ray_results/", "data/", "__pycache__/", "tests/")
+    assert "coatnet/search/data/__init__.py" in names  # a package, not a dataset folder
+    banned = (".git/", ".venv/", "mlruns/", "ray_results/", "__pycache__/", "tests/")
     assert not [n for n in names if any(n.startswith(b) or f"/{b}" in n for b in banned)]
+    assert not [n for n in names if n.startswith(("data/", "datasets/"))]  # datasets at the top
     assert target.stat().st_size < 1 << 20
 
 

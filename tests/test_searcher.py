@@ -178,3 +178,17 @@ def test_enqueued_configurations_are_the_first_trials_once(tmp_path: Path) -> No
     study = optuna.load_study(study_name="s", storage=storage_url(tmp_path))
     assert len(study.get_trials()) == 3
     assert third.hparams.lr not in (0.003, 0.0002)
+
+
+def test_the_result_that_ends_a_trial_is_its_last_intermediate_value(tmp_path: Path) -> None:
+    """Tune does not call on_trial_result for the result that ends a trial: the searcher takes
+    it from on_trial_complete."""
+    search = make(tmp_path)
+    search.suggest("t")
+    for epoch, value in enumerate([0.1, 0.2, 0.3], start=1):
+        search.on_trial_result("t", {"val_accuracy": value, "epochs_done": epoch,
+                                     "status": "running"})
+    search.on_trial_complete("t", {"val_accuracy": 0.45, "epochs_done": 4, "status": "running"})
+    trial = stored(tmp_path)["t"]
+    assert trial.intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.45}
+    assert trial.state.name == "COMPLETE" and trial.value == 0.45

@@ -121,6 +121,10 @@ class StudySearch(OptunaSearch):
         if trial is None:
             logger.warning("trial %s is not in the Optuna study; not told", trial_id)
             return
+        # Tune skips on_trial_result for the result that ends a trial (ASHA's stop, the last
+        # epoch): it is the final intermediate value
+        if result and result.get("status") not in ("infeasible", "diverged"):
+            self.on_trial_result(trial_id, result)
         state, value = self._outcome(result or {}, error=error)
         run_id = self._run_id_of(trial_id) if self._run_id_of is not None else None
         try:
