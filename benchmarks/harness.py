@@ -324,3 +324,21 @@ class Results:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(text)
         return text
+
+
+def in_process_reporter() -> type:
+    """The train loop's ``Reporter`` base for an objective run in this process (plain Optuna,
+    the peer these benchmarks compare with): CPU, nothing to resume; subclasses say what
+    ``report`` does. Imported late: ``coatnet`` is on ``sys.path`` once a script set it."""
+    import torch
+
+    from coatnet.search.reporting import Reporter
+
+    class InProcessReporter(Reporter):
+        def device(self, *, use_gpu: bool) -> Any:
+            return torch.device("cpu")
+
+        def resume_state(self) -> None:
+            return None
+
+    return InProcessReporter

@@ -169,31 +169,23 @@ def run_optuna(space_path: Path, *, sink: Path, budget: int) -> None:
     import dataclasses
 
     import optuna
-    import torch
 
     import coatnet.search.train_loop as tl
     from coatnet.search.contracts import REPORT_TO_TUNE, LoopRuntime
     from coatnet.search.plan import SearchOptions, plan_search
-    from coatnet.search.reporting import Reporter
     from coatnet.search.trial import build_loop_config
 
     plan = plan_search(SearchOptions(space=space_path))
     space, settings = plan.space, plan.space.search
     spent = {"epochs": 0}
 
-    class PrunableReporter(Reporter):
+    class PrunableReporter(harness.in_process_reporter()):  # type: ignore[misc]
         """Reports each epoch to the Optuna trial; raises TrialPruned when Hyperband says so
         or the budget is spent."""
 
         def __init__(self, trial: optuna.Trial) -> None:
             self.trial = trial
             self.last: dict[str, Any] = {}
-
-        def device(self, *, use_gpu: bool) -> Any:
-            return torch.device("cpu")
-
-        def resume_state(self) -> None:
-            return None
 
         def report(self, metrics: dict[str, Any], *, state: dict[str, Any] | None,
                    epoch: int) -> None:

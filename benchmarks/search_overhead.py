@@ -50,23 +50,15 @@ def run_plain(space_path: Path, points: list[dict[str, Any]], sink: Path) -> dic
 
     import coatnet.search.train_loop as tl
     from coatnet.search.contracts import REPORT_TO_TUNE, LoopRuntime
-    from coatnet.search.reporting import Reporter, checkpoint_directory
+    from coatnet.search.reporting import checkpoint_directory
     from coatnet.search.runner import SearchOptions, plan_search
     from coatnet.search.trial import build_loop_config
 
     plan = plan_search(SearchOptions(space=space_path))
     space, settings = plan.space, plan.space.search
 
-    class PlainReporter(Reporter):
+    class PlainReporter(harness.in_process_reporter()):  # type: ignore[misc]
         last: dict[str, Any] = {}
-
-        def device(self, *, use_gpu: bool) -> Any:
-            import torch
-
-            return torch.device("cpu")
-
-        def resume_state(self) -> None:
-            return None
 
         def report(self, metrics: dict[str, Any], *, state: dict[str, Any] | None,
                    epoch: int) -> None:

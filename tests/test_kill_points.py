@@ -200,7 +200,11 @@ def test_sigkill_at_many_points_then_resume(drivers, tmp_path: Path, mlflow_serv
     parent = watch.parent_run_id()
     assert parent is not None
     assert_mlflow_consistent(mlflow_server, parent, trials={t: EPOCHS for t in trial_ids})
-    assert {r.info.status for r in watch.children()} == {"FINISHED"}
+    unsettled = {r.data.tags.get("tune_trial_id"): (r.info.status, r.data.tags.get("status"))
+                 for r in watch.children() if r.info.status != "FINISHED"}
+    assert not unsettled, (unsettled, [line for log in sorted(tmp_path.glob("*.log"))
+                                       for line in log.read_text().splitlines()
+                                       if any(t and t in line for t in unsettled)][-60:])
     parent_run = watch.client.get_run(parent)
     assert parent_run.info.status == "FINISHED"
     assert parent_run.data.metrics["trials_completed"] == NUM_SAMPLES

@@ -304,6 +304,38 @@ def test_sigkill_driver_then_resume(drivers, tmp_path: Path, mlflow_server: str)
                 len(saved_done))
 
 
+def test_sigkill_before_tunes_first_save_then_resume(drivers, tmp_path: Path,
+                                                     mlflow_server: str) -> None:
+    """SIGKILL the driver once ``Tuner.fit`` has written ``tuner.pkl`` but Tune has not yet
+    saved its experiment state (its first seconds): ``--resume`` starts Tune afresh and
+    finishes the search. (Ray's restore accepts ``tuner.pkl`` alone, logs that there is no
+    experiment state, runs one trial and leaves the rest unstarted, so every resume ended
+    interrupted.)"""
+    n, epochs = 3, 2
+    space = write_space(tmp_path, num_samples=n, epochs=epochs)
+    args = ["--space", str(space), "--name", "early", "--storage-path", str(tmp_path / "runs"),
+            "--mlflow-uri", mlflow_server, "--experiment-name", "rel-early-kill"]
+    experiment = tmp_path / "runs" / "early"
+    first = drivers(args, name="first", faults={"sleep_per_epoch_s": 1.0})
+    wait_for(lambda: (experiment / "tuner.pkl").exists(), timeout_s=150, driver=first,
+             what="tuner.pkl")
+    os.kill(first.proc.pid, signal.SIGKILL)
+    first.kill_all()
+    assert not list(experiment.glob("experiment_state-*.json")), \
+        "the kill came after Tune's first save: the window was missed"
+
+    second = drivers([*args, "--resume"], name="second", faults={"sleep_per_epoch_s": 1.0})
+    assert second.wait(240) == 0, second.log()[-4000:]
+    assert "starting Tune afresh" in second.log()
+    rows = leaderboard(experiment)
+    assert len({r["trial_id"] for r in rows}) == n, rows
+    assert all(r["status"] == "completed" for r in rows), rows
+    state = json.loads((experiment / "search_state.json").read_text())
+    assert MlflowClient(mlflow_server).get_run(state["parent_run_id"]).info.status == "FINISHED"
+    assert_mlflow_consistent(mlflow_server, state["parent_run_id"],
+                             trials={r["trial_id"]: epochs for r in rows})
+
+
 def test_second_driver_on_the_same_experiment_is_refused(drivers, tmp_path: Path,
                                                          mlflow_server: str) -> None:
     """The same --name started twice: the second driver is refused at once with a clear

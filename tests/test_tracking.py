@@ -406,6 +406,88 @@ def test_redriven_callback_is_resume_stable(mlflow_server: str, tmp_path: Path) 
     assert client.get_run(parent).info.status == "RUNNING"  # the parent is not a child
 
 
+def _finish(trial_status: dict[str, str]) -> dict[str, Any]:
+    counts = {s: list(trial_status.values()).count(s) for s in set(trial_status.values())}
+    return {"status_counts": counts, "best_value": 0.4, "trial_status": trial_status,
+            "metric": "val_accuracy"}
+
+
+def test_finish_settles_children_to_the_leaderboard(mlflow_server: str, tmp_path: Path) -> None:
+    """A run a killed driver left RUNNING, or one a resume closed as KILLED whose trial then
+    ended without being reopened, ends with its trial's final status; unknown runs go."""
+    client = MlflowClient(mlflow_server)
+    parent = _parent(mlflow_server, "tracking-settle")
+    cb = MLflowTrackingCallback(tracking_uri=mlflow_server, parent_run_id=parent,
+                                state_path=tmp_path / tracking.STATE_FILE_NAME, max_epochs=EPOCHS)
+    cb.setup()
+    trials = [FakeTrial(t, {"candidate": _candidate("ok", 0.5)})
+              for t in ("s0001", "s0002", "s0003", "s0004")]
+    for trial in trials:
+        cb.on_trial_start(iteration=0, trials=trials, trial=trial)
+        for epoch in (1, 2):
+            cb.on_trial_result(iteration=0, trials=trials, trial=trial,
+                               result=_epoch_result(epoch, 0.2 * epoch))
+    cb.on_trial_complete(iteration=0, trials=trials, trial=trials[3])
+    assert cb.flush(timeout_s=30)
+    cb.stop()  # the driver is gone: s0001-s0003 RUNNING, s0004 FINISHED
+    runs = {r.data.tags["tune_trial_id"]: r.info.run_id for r in _children(client, parent)}
+    client.set_terminated(runs["s0001"], status="KILLED")  # closed by an interrupted resume
+
+    statuses = {"s0001": "completed", "s0002": "failed", "s0004": "early-stopped"}
+    assert tracking.finish_search_run(experiment_dir=tmp_path, tracking_uri=mlflow_server,
+                                      parent_run_id=parent, trial_ids=list(statuses),
+                                      finish=_finish(statuses))
+    after = {r.data.tags["tune_trial_id"]: r for r in _children(client, parent)}
+    assert sorted(after) == ["s0001", "s0002", "s0004"]  # s0003 unknown: deleted
+    assert {t: (r.info.status, r.data.tags["status"]) for t, r in after.items()} == {
+        "s0001": ("FINISHED", "completed"), "s0002": ("FAILED", "failed"),
+        "s0004": ("FINISHED", "early-stopped")}
+    assert client.get_run(parent).info.status == "FINISHED"
+    # settling again changes nothing
+    assert tracking.settle_child_runs(tracking_uri=mlflow_server, parent_run_id=parent,
+                                      trial_status=statuses) == 0
+
+
+def test_finish_waits_for_unsent_child_operations(mlflow_server: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Child-run operations left in the journal go first: the finish is saved for the sync
+    command instead of settling children (and closing the parent) before they arrive."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    client = MlflowClient(mlflow_server)
+    parent = _parent(mlflow_server, "tracking-finish-unsent")
+    state_path = tmp_path / tracking.STATE_FILE_NAME
+    (tmp_path / "search_state.json").write_text(json.dumps(
+        {"tracking_uri": mlflow_server, "parent_run_id": parent}))
+    trial = FakeTrial("u0001", {"candidate": _candidate("ok", 0.5)})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        down = MLflowTrackingCallback(
+            tracking_uri=f"http://127.0.0.1:{sock.getsockname()[1]}", parent_run_id=parent,
+            experiment_id="0", state_path=state_path, max_epochs=2, flush_timeout_s=1,
+            retry_max_s=0.2)
+        down.setup()
+        for epoch in (1, 2):
+            down.on_trial_result(iteration=0, trials=[trial], trial=trial,
+                                 result=_epoch_result(epoch, 0.3 * epoch))
+        down.on_trial_complete(iteration=0, trials=[trial], trial=trial)
+        down.on_experiment_end(trials=[trial])
+    assert tracking.read_pending(state_path)
+
+    statuses = {"u0001": "completed"}
+    assert not tracking.finish_search_run(experiment_dir=tmp_path, tracking_uri=mlflow_server,
+                                          parent_run_id=parent, trial_ids=list(statuses),
+                                          finish=_finish(statuses))
+    assert client.get_run(parent).info.status == "RUNNING"
+    assert (tmp_path / tracking.PARENT_PENDING_FILE).exists()
+    assert tracking.pending_tracking_operations(tmp_path) > 1
+
+    assert tracking.sync_experiment(tmp_path, timeout_s=30) == 0
+    (run,) = _children(client, parent)
+    assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "completed")
+    assert _steps(client, run.info.run_id, "val_accuracy") == [1, 2]
+    assert client.get_run(parent).info.status == "FINISHED"
+
+
 def test_unsent_operations_survive_the_driver(mlflow_server: str, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """If MLflow stays down until the search ends, the next driver sends what was queued."""

@@ -9,9 +9,10 @@ in the driver process on its CPU (or one GPU when the driver has one), after ``f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -76,24 +77,16 @@ def evaluate_rows(rows: Iterable[LeaderboardRow], *, data: Mapping[str, Any],
     return out
 
 
-class _local:
+@contextlib.contextmanager
+def _local(path: str) -> Iterator[Path]:
     """A checkpoint folder on this machine: the folder itself, or a temporary copy of a
     remote one (``s3://``, ``gs://``, ...)."""
+    if "://" not in path:
+        yield Path(path)
+        return
+    import pyarrow.fs
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-
-    def __enter__(self) -> Path:
-        if "://" not in self.path:
-            return Path(self.path)
-        import pyarrow.fs
-
-        self._tmp = tempfile.TemporaryDirectory(prefix="coatnet-test-eval-")
-        filesystem, remote = pyarrow.fs.FileSystem.from_uri(self.path)
-        pyarrow.fs.copy_files(remote, self._tmp.name, source_filesystem=filesystem)
-        return Path(self._tmp.name)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
+    with tempfile.TemporaryDirectory(prefix="coatnet-test-eval-") as tmp:
+        filesystem, remote = pyarrow.fs.FileSystem.from_uri(path)
+        pyarrow.fs.copy_files(remote, tmp, source_filesystem=filesystem)
+        yield Path(tmp)

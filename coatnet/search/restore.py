@@ -39,6 +39,29 @@ def sessions(experiment_dir: Path) -> list[str]:
     return [name[len(_PREFIX):-len(_SUFFIX)] for name in names]
 
 
+def saved_experiment(uri: str) -> bool:
+    """Whether Tune saved the experiment at ``uri`` (a local path or a storage URI) at least
+    once: ``tuner.pkl`` and an ``experiment_state-*.json``.
+
+    ``Tuner.fit`` writes ``tuner.pkl`` at once and the experiment state only at its first
+    periodic save, a few seconds later. A driver killed in between leaves just ``tuner.pkl``,
+    which ``Tuner.can_restore`` accepts; ``Tuner.restore`` then logs that no experiment state
+    exists and runs a broken search (one trial, the rest never started). Such a search starts
+    Tune afresh instead; its study and MLflow parent run carry on.
+    """
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(
+        uri if "://" in uri else str(Path(uri).resolve()))
+    try:
+        names = [info.base_name for info in filesystem.get_file_info(
+            pyarrow.fs.FileSelector(path, allow_not_found=True))]
+    except OSError as err:
+        logger.warning("could not list the Tune experiment at %s (%s); starting Tune afresh",
+                       uri, err)
+        return False
+    return "tuner.pkl" in names and any(
+        name.startswith(_PREFIX) and name.endswith(_SUFFIX) for name in names)
+
+
 def set_aside_torn_sessions(experiment_dir: Path) -> list[str]:
     """Move the newest sessions whose files do not read whole into ``torn-state/``, until the
     newest one reads; returns the sessions moved. The oldest session always stays."""

@@ -30,7 +30,7 @@ from coatnet.search.faults import FaultPlan
 from coatnet.search.interrupts import InterruptWatch
 from coatnet.search.lock import DriverLock
 from coatnet.search.plan import STATE_FILE, SearchOptions, SearchPlan, plan_search, write_state
-from coatnet.search.restore import TrialLogKeeper, set_aside_torn_sessions
+from coatnet.search.restore import TrialLogKeeper, saved_experiment, set_aside_torn_sessions
 
 logger = logging.getLogger("coatnet.search")
 
@@ -144,7 +144,12 @@ def _tuner(plan: SearchPlan, *, tune_storage: str, parent_run_id: str, mlflow_st
     tune_experiment = f"{tune_storage}/{plan.name}"
     if plan.resuming and not cluster.is_remote_uri(tune_storage):
         set_aside_torn_sessions(Path(tune_experiment))
-    if plan.resuming and tune.Tuner.can_restore(tune_experiment):
+    restorable = plan.resuming and saved_experiment(tune_experiment)
+    if plan.resuming and not restorable:
+        logger.warning("Tune never saved the state of search %s (its driver was stopped within "
+                       "seconds of starting Tune): starting Tune afresh; the Optuna study and "
+                       "the MLflow parent run carry on", plan.name)
+    if restorable:
         logger.info("resuming search %s from %s", plan.name, plan.experiment_dir)
         # Errored trials stay failed: in the saved state only a trial that used up its
         # retries is ERROR (a killed or interrupted driver leaves its trials RUNNING).
@@ -248,6 +253,7 @@ def _export(plan: SearchPlan, grid: Any, *, parent_run_id: str) -> SearchOutcome
     best = files.best
     finish = {
         "status_counts": counts, "best_value": None if best is None else best.best_value,
+        "trial_status": {r.trial_id: r.status for r in rows},
         "test_accuracy": {r.trial_id: r.test_accuracy for r in rows
                           if r.test_accuracy is not None},
         "best_trial_id": None if best is None else best.trial_id,
@@ -258,7 +264,7 @@ def _export(plan: SearchPlan, grid: Any, *, parent_run_id: str) -> SearchOutcome
         "infeasible_reasons": {r.trial_id: (r.candidate and r.candidate.infeasible_reason) or ""
                                for r in rows if r.status == "infeasible"}}
     _close_study(plan, trial_ids=[r.trial_id for r in rows])
-    # every trial is closed by now: a child still RUNNING was orphaned by a killed driver
+    # every trial has ended: MLflow's child runs are settled to the leaderboard's statuses
     finish_search_run(experiment_dir=plan.experiment_dir, tracking_uri=plan.tracking_uri,
                       parent_run_id=parent_run_id, trial_ids=[r.trial_id for r in rows],
                       finish=finish)

@@ -39,6 +39,7 @@ from coatnet.search.tracking.runs import (
     finish_search_run,
     pending_tracking_operations,
     search_trial_ids,
+    settle_child_runs,
     start_parent_run,
     sync_experiment,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "read_pending",
     "resolve_tracking_uri",
     "search_trial_ids",
+    "settle_child_runs",
     "start_parent_run",
     "sync_experiment",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["PARENT_PENDING_FILE", "SPACE_SHA_TAG", "STATE_FILE_NAME", "close_orphaned_runs",
            "delete_unknown_trial_runs", "deliver_pending", "finish_parent_run",
            "finish_search_run", "pending_tracking_operations", "search_trial_ids",
-           "start_parent_run", "sync_experiment"]
+           "settle_child_runs", "start_parent_run", "sync_experiment"]
 
 SPACE_SHA_TAG = "space_sha256"
 STATE_FILE_NAME = "mlflow_runs.json"  # in the experiment directory (runner.run_search)
@@ -215,6 +215,45 @@ def delete_unknown_trial_runs(*, tracking_uri: str, parent_run_id: str,
     return deleted
 
 
+def settle_child_runs(*, tracking_uri: str, parent_run_id: str,
+                      trial_status: Mapping[str, str]) -> int:
+    """Give every trial's child run the MLflow status its final leaderboard status implies
+    (``failed``: FAILED, any other: FINISHED); returns how many runs were changed.
+
+    The leaderboard is the last word of a finished search: a run a killed driver left RUNNING,
+    or closed as KILLED before a resumed driver finished the trial without reopening it, ends
+    with the status (and ``status`` tag) of its trial. Children of trials the search does not
+    have and still RUNNING are closed as KILLED (``delete_unknown_trial_runs`` deletes them).
+    """
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    settled: list[str] = []
+    token: str | None = None
+    while True:
+        page = client.search_runs([experiment_id],
+                                  filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                  max_results=1000, page_token=token)
+        for run in page:
+            final = trial_status.get(run.data.tags.get(TRIAL_ID_TAG, ""))
+            if final is None:
+                if run.info.status == "RUNNING":
+                    client.set_terminated(run.info.run_id, status="KILLED")
+                continue
+            wanted = "FAILED" if final == "failed" else "FINISHED"
+            if run.info.status == wanted and run.data.tags.get("status") == final:
+                continue
+            client.set_tag(run.info.run_id, "status", final)
+            client.set_terminated(run.info.run_id, status=wanted)
+            settled.append(f"{run.data.tags.get(TRIAL_ID_TAG)} {run.info.status}->{wanted}")
+        token = page.token
+        if not token:
+            break
+    if settled:
+        logger.info("Settled %d MLflow child run(s) of %s to their trial's final status: %s",
+                    len(settled), parent_run_id, ", ".join(settled))
+    return len(settled)
+
+
 def log_test_accuracy(*, tracking_uri: str, parent_run_id: str,
                       test_accuracy: dict[str, float], best_trial_id: str | None) -> None:
     """The held-out test figures: ``test_accuracy`` on each evaluated trial's child run, and
@@ -244,17 +283,40 @@ def pending_tracking_operations(experiment_dir: Path | str) -> int:
 
 def finish_search_run(*, experiment_dir: Path | str, tracking_uri: str, parent_run_id: str,
                       trial_ids: Iterable[str] | None, finish: dict[str, Any]) -> bool:
-    """End a finished search in MLflow: close orphaned children, drop runs of trials the
-    search does not have, log the summary and close the parent. If MLflow is unreachable the
-    arguments are saved (``PARENT_PENDING_FILE``) for the sync command; returns success."""
+    """End a finished search in MLflow: drop runs of trials the search does not have, settle
+    every child to its trial's final status (``finish["trial_status"]``; older saved finishes
+    without it close orphaned children), log the summary and close the parent.
+
+    Child-run operations still in the journal (the last flush timed out) go first: the finish
+    is then saved (``PARENT_PENDING_FILE``) for the sync command, which sends them and then
+    finishes, as it does when MLflow is unreachable. Returns whether the parent was closed.
+    """
     experiment_dir = Path(experiment_dir)
     pending_file = experiment_dir / PARENT_PENDING_FILE
+    unsent = len(read_pending(experiment_dir / STATE_FILE_NAME))
+
+    def save_for_sync() -> None:
+        atomic_write_json(pending_file, {"parent_run_id": parent_run_id,
+                                         "trial_ids": None if trial_ids is None
+                                         else list(trial_ids), "finish": finish})
+
+    if unsent:
+        logger.warning("%d MLflow child-run operation(s) of %s are not delivered yet; the parent "
+                       "run is finished after them by `python experiments/sync_mlflow.py %s`",
+                       unsent, parent_run_id, experiment_dir)
+        save_for_sync()
+        return False
     try:
         if trial_ids is not None:
             delete_unknown_trial_runs(tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                                       trial_ids=trial_ids)
-        close_orphaned_runs(tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-                            keep_run_ids=())
+        statuses = finish.get("trial_status")
+        if isinstance(statuses, dict):
+            settle_child_runs(tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                              trial_status=statuses)
+        else:
+            close_orphaned_runs(tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                                keep_run_ids=())
         log_test_accuracy(tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                           test_accuracy=dict(finish.get("test_accuracy") or {}),
                           best_trial_id=finish.get("best_trial_id"))
@@ -271,9 +333,7 @@ def finish_search_run(*, experiment_dir: Path | str, tracking_uri: str, parent_r
         logger.warning("Could not finish the MLflow parent run %s (%s: %s); saved to %s for "
                        "`python experiments/sync_mlflow.py %s`", parent_run_id,
                        type(exc).__name__, exc, pending_file, experiment_dir)
-        atomic_write_json(pending_file, {"parent_run_id": parent_run_id,
-                                         "trial_ids": None if trial_ids is None
-                                         else list(trial_ids), "finish": finish})
+        save_for_sync()
         return False
     pending_file.unlink(missing_ok=True)
     return True
