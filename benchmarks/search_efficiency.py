@@ -357,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
                 curve = anytime(rows[method][-1], args.budget)
                 print(f"seed {seed} {method}: best val {curve[-1][0] if curve else None} "
                       f"after {args.budget} epochs, {walls[method][-1]:.0f} s", flush=True)
+                # what is done so far is on disk: an interrupted benchmark keeps it
+                write_results(args, argv=argv, started=started, host=host, methods=methods,
+                              curves={m: [anytime(r, args.budget) for r in rows[m]]
+                                      for m in methods}, rows=rows, walls=walls)
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -383,6 +387,7 @@ def write_results(args: argparse.Namespace, *, argv: list[str] | None, started: 
                f"space: `{Path(args.space).resolve().relative_to(REPO)}` with at most "
                f"{args.epochs} epochs per trial; budget {budget} epochs per run; "
                f"{args.seeds} seeds; {args.concurrency} trials at a time (Optuna alone: one)",
+               "runs done: " + ", ".join(f"{m} {len(rows[m])}" for m in methods),
                f"versions: {harness.versions('ray', 'optuna', 'torch')}",
                f"anytime curves: `{png.name}`"])
     results.add("Median over seeds, [min, max] across them. *Reach*: epochs until the best "
