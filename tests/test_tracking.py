@@ -406,6 +406,25 @@ def test_redriven_callback_is_resume_stable(mlflow_server: str, tmp_path: Path) 
     assert client.get_run(parent).info.status == "RUNNING"  # the parent is not a child
 
 
+def _complete_while_server_is_down(trial: FakeTrial, *, parent: str,
+                                   state_path: Path) -> MLflowTrackingCallback:
+    """Two epochs and the end of ``trial`` through a callback whose server is down: every
+    operation stays in the journal next to ``state_path``."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        down = MLflowTrackingCallback(
+            tracking_uri=f"http://127.0.0.1:{sock.getsockname()[1]}", parent_run_id=parent,
+            experiment_id="0", state_path=state_path, max_epochs=2, flush_timeout_s=1,
+            retry_max_s=0.2)
+        down.setup()
+        for epoch in (1, 2):
+            down.on_trial_result(iteration=0, trials=[trial], trial=trial,
+                                 result=_epoch_result(epoch, 0.3 * epoch))
+        down.on_trial_complete(iteration=0, trials=[trial], trial=trial)
+        down.on_experiment_end(trials=[trial])
+    return down
+
+
 def _finish(trial_status: dict[str, str]) -> dict[str, Any]:
     counts = {s: list(trial_status.values()).count(s) for s in set(trial_status.values())}
     return {"status_counts": counts, "best_value": 0.4, "trial_status": trial_status,
@@ -459,18 +478,7 @@ def test_finish_waits_for_unsent_child_operations(mlflow_server: str, tmp_path: 
     (tmp_path / "search_state.json").write_text(json.dumps(
         {"tracking_uri": mlflow_server, "parent_run_id": parent}))
     trial = FakeTrial("u0001", {"candidate": _candidate("ok", 0.5)})
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        down = MLflowTrackingCallback(
-            tracking_uri=f"http://127.0.0.1:{sock.getsockname()[1]}", parent_run_id=parent,
-            experiment_id="0", state_path=state_path, max_epochs=2, flush_timeout_s=1,
-            retry_max_s=0.2)
-        down.setup()
-        for epoch in (1, 2):
-            down.on_trial_result(iteration=0, trials=[trial], trial=trial,
-                                 result=_epoch_result(epoch, 0.3 * epoch))
-        down.on_trial_complete(iteration=0, trials=[trial], trial=trial)
-        down.on_experiment_end(trials=[trial])
+    _complete_while_server_is_down(trial, parent=parent, state_path=state_path)
     assert tracking.read_pending(state_path)
 
     statuses = {"u0001": "completed"}
@@ -495,19 +503,8 @@ def test_unsent_operations_survive_the_driver(mlflow_server: str, tmp_path: Path
     client = MlflowClient(mlflow_server)
     parent = _parent(mlflow_server, "tracking-pending")
     state_path = tmp_path / "state.json"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        trial = FakeTrial("p0001", {"candidate": _candidate("ok", 0.5)})
-        down = MLflowTrackingCallback(tracking_uri=dead, parent_run_id=parent,
-                                      experiment_id="0", state_path=state_path,
-                                      max_epochs=2, flush_timeout_s=1, retry_max_s=0.2)
-        down.setup()
-        for epoch in (1, 2):
-            down.on_trial_result(iteration=0, trials=[trial], trial=trial,
-                                 result=_epoch_result(epoch, 0.3 * epoch))
-        down.on_trial_complete(iteration=0, trials=[trial], trial=trial)
-        down.on_experiment_end(trials=[trial])
+    trial = FakeTrial("p0001", {"candidate": _candidate("ok", 0.5)})
+    down = _complete_while_server_is_down(trial, parent=parent, state_path=state_path)
     pending = state_path.with_name("state.json.pending.json")
     assert pending.exists()
     assert down.status_counts()["completed"] == 1
