@@ -472,3 +472,37 @@ def test_error_lines_name_file_and_key_path(monkeypatch: pytest.MonkeyPatch) -> 
             load_space(path.name)
         for line in info.value.problems:
             assert pattern.match(line), line
+
+
+def test_objectives_set_the_metric_and_mode(tmp_path: Path) -> None:
+    """A two-objective space: the first objective is the search's metric and mode, the costs
+    follow in order; no objectives keeps the single metric."""
+    path = tmp_path / "two.yaml"
+    path.write_text("""\
+data: {dataset: synthetic, image_size: 32}
+trial: {epochs: 2}
+search:
+  num_samples: 2
+  searcher: nsga2
+  objectives: [{metric: val_loss, mode: min}, {metric: macs, mode: min},
+               {metric: latency_ms, mode: min}]
+  latency: {batch_size: 4, threads: 2}
+model:
+  layout: CCTT
+  depth: {s0: 1, s1: 1, s2: 1, s3: 1, s4: 1}
+  channels: {s0: 16, s1: 16, s2: 32, s3: 64, s4: 64}
+train: {lr: 1e-3, batch_size: 32}
+""")
+    search = load_space(path).search
+    assert (search.metric, search.mode) == ("val_loss", "min")
+    assert [(o.metric, o.mode) for o in search.objectives] == [
+        ("val_loss", "min"), ("macs", "min"), ("latency_ms", "min")]
+    assert (search.latency.batch_size, search.latency.threads, search.latency.repeats) == \
+        (4, 2, 10)
+    single = tmp_path / "one.yaml"
+    single.write_text(path.read_text().replace("  objectives: [{metric: val_loss, mode: min}, "
+                                               "{metric: macs, mode: min},\n"
+                                               "               {metric: latency_ms, mode: min}]\n",
+                                               ""))
+    assert load_space(single).search.objectives == []
+    assert load_space(single).search.metric == "val_accuracy"

@@ -186,6 +186,8 @@ def _searcher(plan: SearchPlan, *, mlflow_state: Path) -> Any:
     if settings.searcher == "tpe":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
             seed=settings.seed, n_startup_trials=settings.n_startup_trials)
+    elif settings.searcher == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=settings.seed)
     else:
         sampler = optuna.samplers.RandomSampler(seed=settings.seed)
     # Optuna 5: constraints go through Trial.set_constraint (constraints_func is

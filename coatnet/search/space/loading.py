@@ -31,6 +31,8 @@ from coatnet.search.space.schema import (
     ConstraintSection,
     DataSection,
     FloatDist,
+    COST_METRICS,
+    QUALITY_METRICS,
     ModelSpace,
     SearchSection,
     TrainSpace,
@@ -91,6 +93,9 @@ def load_space(path: str | os.PathLike[str]) -> SearchSpace:
 
     if problems:
         raise problems.error()
+    if isinstance(search, SearchSection) and search.objectives:  # one truth: the first
+        first = search.objectives[0]
+        search = search.model_copy(update={"metric": first.metric, "mode": first.mode})
     assert facts is not None and data is not None
     assert isinstance(trial, TrialSection) and isinstance(search, SearchSection)
     assert isinstance(constraints, ConstraintSection)
@@ -185,6 +190,7 @@ def _check_across_sections(*, trial: Any, search: Any, train: Any,
         if search.mode != expected:
             problems.add("search.mode", f"{search.mode!r} with metric {search.metric!r} "
                          f"would keep the worst trials; use {expected!r}")
+        _check_objectives(search, problems)
         if isinstance(trial, TrialSection) and search.asha is not None \
                 and search.asha.grace_period > trial.epochs:
             problems.add("search.asha.grace_period",
@@ -195,6 +201,42 @@ def _check_across_sections(*, trial: Any, search: Any, train: Any,
         if most > trial.epochs:
             problems.add("train.warmup_epochs", f"can reach {most}, more than trial.epochs "
                          f"({trial.epochs}); allowed: 0..{trial.epochs}")
+
+
+def _check_objectives(search: SearchSection, problems: _Problems) -> None:
+    """``search.objectives``: one quality metric first (what early stopping and the searcher
+    learn from), then distinct cost metrics, each minimised; ``metric``/``mode``, when also
+    given, must be the first objective."""
+    objectives = search.objectives
+    if not objectives:
+        return
+    first = objectives[0]
+    if first.metric not in QUALITY_METRICS:
+        problems.add("search.objectives[0].metric",
+                     f"{first.metric!r} is a cost; the first objective is what trials learn, "
+                     f"allowed: {', '.join(QUALITY_METRICS)}")
+    elif first.mode != _METRIC_MODE[first.metric]:
+        problems.add("search.objectives[0].mode",
+                     f"{first.mode!r} with metric {first.metric!r} would keep the worst "
+                     f"trials; use {_METRIC_MODE[first.metric]!r}")
+    seen = {first.metric}
+    for index, objective in enumerate(objectives[1:], start=1):
+        where = f"search.objectives[{index}]"
+        if objective.metric in seen:
+            problems.add(f"{where}.metric", f"{objective.metric!r} is listed twice")
+        elif objective.metric not in COST_METRICS:
+            problems.add(f"{where}.metric",
+                         f"{objective.metric!r}: one quality metric only, and first; the "
+                         f"others are costs, allowed: {', '.join(COST_METRICS)}")
+        elif objective.mode != "min":
+            problems.add(f"{where}.mode", f"a cost is minimised; use 'min' for "
+                         f"{objective.metric!r}")
+        seen.add(objective.metric)
+    for key in ("metric", "mode"):
+        if key in search.model_fields_set and getattr(search, key) != getattr(first, key):
+            problems.add(f"search.{key}", f"{getattr(search, key)!r} differs from "
+                         f"search.objectives[0].{key} ({getattr(first, key)!r}); drop it or "
+                         f"make them agree")
 
 
 # ---------------------------------------------------------------------------- searched entries

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 __all__ = [
     "ALLOWED_LAYOUTS",
     "STAGES",
+    "COST_METRICS",
+    "QUALITY_METRICS",
     "AshaSection",
     "CategoricalDist",
     "ConstraintSection",
@@ -26,7 +28,9 @@ __all__ = [
     "Dist",
     "FloatDist",
     "IntDist",
+    "LatencySection",
     "ModelSpace",
+    "ObjectiveEntry",
     "SearchSection",
     "StageEntries",
     "TrainSpace",
@@ -81,6 +85,28 @@ class AshaSection(_Strict):
     brackets: int = Field(1, ge=1)
 
 
+QUALITY_METRICS = ("val_accuracy", "val_loss", "train_loss")  # learned: early stopping ranks
+COST_METRICS = ("params", "macs", "latency_ms")  # known before training, always minimised
+
+
+class ObjectiveEntry(_Strict):
+    """One entry of ``search.objectives``: a metric and its direction."""
+
+    metric: Literal["val_accuracy", "val_loss", "train_loss", "params", "macs", "latency_ms"]
+    mode: Literal["max", "min"]
+
+
+class LatencySection(_Strict):
+    """How ``latency_ms`` is measured once per candidate before it trains (``search.latency``):
+    inference batches of ``batch_size`` on the trial's device with ``threads`` CPU threads,
+    ``warmup`` untimed passes, the median of ``repeats`` timed ones."""
+
+    batch_size: int = Field(1, ge=1)
+    threads: int = Field(1, ge=1)
+    warmup: int = Field(3, ge=0)
+    repeats: int = Field(10, ge=1)
+
+
 class SearchSection(_Strict):
     """The search loop (``search:``): what to optimise, how many samples, searcher, ASHA."""
 
@@ -89,7 +115,10 @@ class SearchSection(_Strict):
     num_samples: int = Field(ge=1)
     max_concurrent_trials: int | None = Field(None, ge=1)
     seed: int = 0
-    searcher: Literal["tpe", "random"] = "tpe"
+    searcher: Literal["tpe", "random", "nsga2"] = "tpe"
+    # accuracy versus cost: the first a quality metric, then costs (empty: metric and mode)
+    objectives: list[ObjectiveEntry] = Field(default_factory=list)
+    latency: LatencySection = Field(default_factory=LatencySection)
     n_startup_trials: int = Field(5, ge=0)
     asha: AshaSection | None = Field(default_factory=AshaSection)  # null: no early stopping
     # configurations evaluated first (coatnet.search.space.warmstart); flat after loading
