@@ -3,9 +3,11 @@
 The recorder wraps the train loop's reporter (``coatnet.search.train_loop.make_reporter``) in
 the process that trains (a Tune trial actor, or the benchmark's own process for plain Optuna).
 For each epoch it writes the time, the trial, the epoch, the validation accuracy the search
-sees and the accuracy on the held-out test split of that epoch's model (evaluated here, for the
-benchmark only: no trial and no searcher ever sees it). Lines are written before the report
-goes on, since Tune may end the trial inside its last report.
+sees, the candidate's costs as the report carries them (``params``, ``macs``, ``latency_ms``
+when measured: the multi-objective mode's cost axes) and the accuracy on the held-out test
+split of that epoch's model (evaluated here, for the benchmark only: no trial and no searcher
+ever sees it). Lines are written before the report goes on, since Tune may end the trial
+inside its last report.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import os
 import time
 from typing import Any
+
+COST_METRICS = ("params", "macs", "latency_ms")  # coatnet.search.space.schema.COST_METRICS
 
 
 class RecordingReporter:
@@ -32,6 +36,7 @@ class RecordingReporter:
         line = {"t": time.time(), "method": self._method, "trial": self._trial,
                 "epoch": int(epoch), "pid": os.getpid(), "status": metrics.get("status"),
                 "val_accuracy": metrics.get("val_accuracy"),
+                **{cost: metrics.get(cost) for cost in COST_METRICS},
                 "resumed": int(metrics.get("resumed_from_epoch") or 0) >= int(epoch),
                 "test_accuracy": _test_accuracy(state, self._data, self._seed)}
         with open(self._sink, "a") as fh:

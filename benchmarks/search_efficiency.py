@@ -2,7 +2,7 @@
 
     python benchmarks/search_efficiency.py [--seeds 5] [--budget 40] [--epochs N]
         [--space search_spaces/coatnet_small.yaml] [--methods random,random_asha,optuna,ours,
-        ours_complete] [--out benchmarks/results/search_efficiency.md]
+        ours_complete] [--objectives val_accuracy,macs] [--out benchmarks/results/FILE.md]
 
 Every method searches the same space (the shipped default unless ``--space``; the benchmark
 sets its epochs per trial, ``--epochs``) with the same budget in epochs per run (``--budget``),
@@ -26,6 +26,28 @@ accuracy of that best epoch. Reported, median over seeds with the min-max spread
 a run first reaches the median final best of ``random``; best validation and its test accuracy
 at 25 %, 50 % and 100 % of the budget. The curves (median, inter-quartile band) go to a PNG
 next to the results file.
+
+Accuracy versus cost, ``--objectives val_accuracy,macs`` (the quality metric first, maximised,
+then one or more of ``params``, ``macs``, ``latency_ms``, minimised); the space gets them as
+``search.objectives``, the methods default to ``random,nsga2,ours`` and the results go to
+``benchmarks/results/search_efficiency_pareto.md`` (+ ``.png``):
+
+- ``random`` / ``random_asha``: as above, with the objectives (ASHA: the runner's Pareto-aware
+  ``ParetoASHA``).
+- ``nsga2``: Optuna's NSGA-II (``searcher: nsga2``), no early stopping, ``budget / epochs``
+  trials.
+- ``ours``: TPE + the runner's ``ParetoASHA``, ended by the budget stopper.
+
+A trial's point is its best validation accuracy over its epochs and its costs; it counts once
+it has run every epoch (as ``coatnet.search.front.front_of``: early-stopped trials are never on
+the front). The anytime curve of a run: epochs in report order, the hypervolume of the points
+completed so far, against one reference point for every method and seed (accuracy 0, each cost
+1.1 x the largest value any trained candidate of the benchmark had), shown as a fraction of the
+box between the reference and (accuracy 1, cost 0); the test hypervolume takes each completed
+trial's test accuracy of its best-validation epoch instead. Reported, median over seeds with
+the min-max spread: hypervolume at 25 %, 50 % and 100 % of the budget, test hypervolume at
+100 %, epochs until a run first reaches the median final hypervolume of ``random``, and whether
+``ours`` at 50 % reaches it (the issue's target).
 """
 
 from __future__ import annotations
@@ -34,7 +56,6 @@ import argparse
 import json
 import math
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -46,28 +67,42 @@ import yaml
 
 import efficiency_probes as probes
 import harness
+from efficiency_report import (anytime, hypervolume_anytime, parse_objectives,
+                               reference_point, write_pareto_results, write_results, _all_runs)
 
 REPO = harness.REPO
 sys.path.insert(0, str(REPO))
 
 METHODS = ("random", "random_asha", "optuna", "ours", "ours_complete")
-FRACTIONS = (0.25, 0.5, 1.0)
+PARETO_METHODS = ("random", "random_asha", "nsga2", "ours")  # with --objectives
+PARETO_DEFAULT = ("random", "nsga2", "ours")
+NO_EARLY_STOPPING = ("random", "nsga2")  # budget / epochs trials, each run to the end
 
 
 # ------------------------------------------------------------------------------- the space
 def space_doc(base: dict[str, Any], *, method: str, seed: int, epochs: int, budget: int,
-              concurrency: int) -> dict[str, Any]:
-    """The base space with the method's searcher, early stopping, seed and trial count."""
+              concurrency: int, objectives: Sequence[tuple[str, str]] = ()
+              ) -> dict[str, Any]:
+    """The base space with the method's searcher, early stopping, seed and trial count, and
+    ``search.objectives`` from ``objectives`` (``(metric, mode)`` pairs; none: the base's
+    first objective alone, so single-objective runs stay single-objective)."""
     doc = json.loads(json.dumps(base))
     doc.pop("description", None)
     doc["trial"] = {**doc["trial"], "epochs": epochs, "max_failures": 0}
     search = doc["search"]
     search.update(seed=seed, max_concurrent_trials=concurrency)
-    search["searcher"] = "random" if method.startswith("random") else "tpe"
+    search["searcher"] = ("random" if method.startswith("random")
+                          else "nsga2" if method == "nsga2" else "tpe")
+    if objectives:
+        search["objectives"] = [{"metric": m, "mode": mode} for m, mode in objectives]
+        search["metric"], search["mode"] = objectives[0]
+    elif search.get("objectives"):  # single-objective: the base space's quality metric alone
+        first = search.pop("objectives")[0]
+        search["metric"], search["mode"] = first["metric"], first["mode"]
     search.pop("enqueue", None)
     asha = dict(search.get("asha") or {})
     asha["grace_period"] = min(int(asha.get("grace_period", 1)), epochs)
-    if method == "random":
+    if method in NO_EARLY_STOPPING:
         search["asha"] = None
         search["num_samples"] = max(1, budget // epochs)
     else:
@@ -145,8 +180,9 @@ def run_ray_method(method: str, space: Path, *, tmp: Path, sink: Path, budget: i
     from coatnet.search.errors import SearchInterrupted
     from coatnet.search.runner import SearchOptions, run_search
 
-    # random runs exactly budget / epochs trials; the others are ended by the budget stopper
-    undo = [] if method == "random" else [_patch_run_config(_Budget(budget).stopper)]
+    # random and nsga2 run exactly budget / epochs trials; the others are ended by the budget
+    # stopper
+    undo = [] if method in NO_EARLY_STOPPING else [_patch_run_config(_Budget(budget).stopper)]
     if method == "ours_complete":
         undo.append(_patch_complete_reporting())
     original_run_trial = trial.run_trial
@@ -236,73 +272,6 @@ def run_optuna(space_path: Path, *, sink: Path, budget: int) -> None:
         tl.make_reporter = getattr(tl.make_reporter, "_original", original)
 
 
-# ------------------------------------------------------------------------------- analysis
-def anytime(rows: list[dict[str, Any]], budget: int) -> list[tuple[float, float | None]]:
-    """Per epoch spent (1..budget): (best validation accuracy so far, its test accuracy)."""
-    curve: list[tuple[float, float | None]] = []
-    best, best_test = -1.0, None
-    for row in rows:
-        if row["status"] != "running" or row.get("resumed"):
-            continue
-        value = row["val_accuracy"]
-        if isinstance(value, (int, float)) and math.isfinite(value) and value > best:
-            best, best_test = float(value), row["test_accuracy"]
-        curve.append((max(best, 0.0), best_test))
-        if len(curve) == budget:
-            break
-    while curve and len(curve) < budget:  # a run that ended early keeps its best
-        curve.append(curve[-1])
-    return curve
-
-
-def epochs_to_reach(curve: list[tuple[float, float | None]], target: float) -> int | None:
-    return next((i + 1 for i, (best, _) in enumerate(curve) if best >= target - 1e-12), None)
-
-
-def spread(values: Sequence[float | None], digits: int = 4) -> str:
-    """``median [min, max]`` of the values present (and how many are missing)."""
-    have = [v for v in values if v is not None]
-    if not have:
-        return "-"
-    text = f"{statistics.median(have):.{digits}f} [{min(have):.{digits}f}, " \
-           f"{max(have):.{digits}f}]"
-    return text if len(have) == len(values) else f"{text} ({len(values) - len(have)} none)"
-
-
-def completed_spread(rows: list[dict[str, Any]], epochs: int) -> float | None:
-    """Best minus median final validation accuracy of the run's trials that ran all epochs."""
-    finals = [r["val_accuracy"] for r in rows
-              if r["status"] == "running" and r["epoch"] == epochs and not r.get("resumed")]
-    return max(finals) - statistics.median(finals) if len(finals) >= 2 else None
-
-
-def plot(curves: dict[str, list[list[tuple[float, float | None]]]], path: Path, *,
-         budget: int, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    x = np.arange(1, budget + 1)
-    for method, runs in curves.items():
-        values = np.array([[best for best, _ in run] for run in runs if len(run) == budget])
-        if not len(values):
-            continue
-        low, mid, high = np.percentile(values, [25, 50, 75], axis=0)
-        ax.plot(x, mid, label=method)
-        ax.fill_between(x, low, high, alpha=0.2)
-    ax.set_xlabel("epochs spent")
-    ax.set_ylabel("best validation accuracy so far")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # ------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -313,14 +282,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None,
                         help="most epochs per trial (default: the space's trial.epochs)")
     parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--out", type=Path,
-                        default=REPO / "benchmarks" / "results" / "search_efficiency.md")
+    parser.add_argument("--objectives", default=None,
+                        help="accuracy versus cost, e.g. val_accuracy,macs (default: "
+                             "val_accuracy alone)")
+    parser.add_argument("--methods", default=None,
+                        help=f"default: {','.join(METHODS)}; with --objectives "
+                             f"{','.join(PARETO_DEFAULT)} (of {','.join(PARETO_METHODS)})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/search_efficiency.md, with "
+                             "--objectives search_efficiency_pareto.md")
     args = parser.parse_args(argv)
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
+    objectives: list[tuple[str, str]] = []
+    if args.objectives is not None:
+        try:
+            objectives = parse_objectives(args.objectives)
+        except ValueError as err:
+            parser.error(f"--objectives: {err}")
+    allowed = PARETO_METHODS if objectives else METHODS
+    methods = [m for m in (args.methods or ",".join(PARETO_DEFAULT if objectives else METHODS))
+               .split(",") if m]
+    unknown = sorted(set(methods) - set(allowed))
     if unknown:
-        parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+        parser.error(f"--methods: unknown {unknown}; choose from {list(allowed)}")
+    if args.out is None:
+        args.out = REPO / "benchmarks" / "results" / (
+            "search_efficiency_pareto.md" if objectives else "search_efficiency.md")
     started, host = harness.now(), harness.host()
 
     import ray
@@ -337,6 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="coatnet-efficiency-"))
     rows: dict[str, list[list[dict[str, Any]]]] = {m: [] for m in methods}
     walls: dict[str, list[float]] = {m: [] for m in methods}
+
+    def write() -> None:
+        if objectives:
+            write_pareto_results(args, argv=argv, started=started, host=host, methods=methods,
+                                 objectives=objectives, rows=rows, walls=walls)
+        else:
+            write_results(args, argv=argv, started=started, host=host, methods=methods,
+                          curves={m: [anytime(r, args.budget) for r in rows[m]]
+                                  for m in methods}, rows=rows, walls=walls)
+
     try:
         runner._init_ray(None)
         for seed in range(args.seeds):
@@ -345,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir.mkdir()
                 space = write_space(run_dir / f"{method}-{seed}.yaml", space_doc(
                     base, method=method, seed=seed, epochs=args.epochs, budget=args.budget,
-                    concurrency=args.concurrency))
+                    concurrency=args.concurrency, objectives=objectives))
                 sink = run_dir / "sink.jsonl"
                 t0 = time.time()
                 if method == "optuna":
@@ -354,66 +350,25 @@ def main(argv: list[str] | None = None) -> int:
                     run_ray_method(method, space, tmp=run_dir, sink=sink, budget=args.budget)
                 walls[method].append(time.time() - t0)
                 rows[method].append(probes.read(str(sink)))
-                curve = anytime(rows[method][-1], args.budget)
-                print(f"seed {seed} {method}: best val {curve[-1][0] if curve else None} "
-                      f"after {args.budget} epochs, {walls[method][-1]:.0f} s", flush=True)
-                # what is done so far is on disk: an interrupted benchmark keeps it
-                write_results(args, argv=argv, started=started, host=host, methods=methods,
-                              curves={m: [anytime(r, args.budget) for r in rows[m]]
-                                      for m in methods}, rows=rows, walls=walls)
+                if objectives:
+                    costs = [m for m, _ in objectives[1:]]
+                    volumes = hypervolume_anytime(
+                        rows[method][-1], args.budget, epochs=args.epochs, costs=costs,
+                        reference=reference_point(_all_runs(rows), costs))
+                    found = f"hypervolume {volumes[-1][0] if volumes else None}"
+                else:
+                    curve = anytime(rows[method][-1], args.budget)
+                    found = f"best val {curve[-1][0] if curve else None}"
+                print(f"seed {seed} {method}: {found} after {args.budget} epochs, "
+                      f"{walls[method][-1]:.0f} s", flush=True)
+                write()  # what is done so far is on disk: an interrupted benchmark keeps it
     finally:
         if ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    curves = {m: [anytime(r, args.budget) for r in rows[m]] for m in methods}
-    write_results(args, argv=argv, started=started, host=host, methods=methods,
-                  curves=curves, rows=rows, walls=walls)
+    write()
     return 0
-
-
-def write_results(args: argparse.Namespace, *, argv: list[str] | None, started: str,
-                  host: Any, methods: list[str], curves: dict[str, list[Any]],
-                  rows: dict[str, list[list[dict[str, Any]]]],
-                  walls: dict[str, list[float]]) -> None:
-    budget = args.budget
-    finals_random = [c[-1][0] for c in curves.get("random", []) if c]
-    target = statistics.median(finals_random) if finals_random else None
-    png = args.out.with_suffix(".png")
-    results = harness.Results.listed(
-        "Search efficiency: best model found per epoch of compute", script=__file__,
-        args=argv, date=started, machine=harness.machine(),
-        items=[f"host: {host.name}, {host.cores} usable cores, Python {host.python}",
-               f"space: `{Path(args.space).resolve().relative_to(REPO)}` with at most "
-               f"{args.epochs} epochs per trial; budget {budget} epochs per run; "
-               f"{args.seeds} seeds; {args.concurrency} trials at a time (Optuna alone: one)",
-               "runs done: " + ", ".join(f"{m} {len(rows[m])}" for m in methods),
-               f"versions: {harness.versions('ray', 'optuna', 'torch')}",
-               f"anytime curves: `{png.name}`"])
-    results.add("Median over seeds, [min, max] across them. *Reach*: epochs until the best "
-                "validation accuracy first reaches the median final best of `random` "
-                + (f"({target:.4f})" if target is not None else "(no `random` run)")
-                + "; *val* / *test*: the best validation accuracy so far and the held-out test "
-                "accuracy of that same epoch's model.", "")
-    results.table("method", "reach (epochs)",
-                  *[f"val @ {int(f * 100)}%" for f in FRACTIONS],
-                  *[f"test @ {int(f * 100)}%" for f in FRACTIONS], "wall s / run")
-    for method in methods:
-        runs = [c for c in curves[method] if c]
-        reach = [epochs_to_reach(c, target) for c in runs] if target is not None else []
-        at = [[c[max(0, math.ceil(f * budget) - 1)] for c in runs] for f in FRACTIONS]
-        results.row(method, spread([float(r) if r is not None else None for r in reach], 0)
-                    if reach else "-",
-                    *[spread([p[0] for p in points]) for points in at],
-                    *[spread([p[1] for p in points]) for points in at],
-                    spread(walls[method], 0))
-    spreads = [completed_spread(r, args.epochs) for r in rows.get("random", [])]
-    if any(s is not None for s in spreads):
-        results.add("", "Spread of `random`'s trials that ran all epochs (best minus median "
-                    f"final validation accuracy, per seed): {spread(spreads)}")
-    plot(curves, png, budget=budget, title=f"{args.space.name}: best so far, median and IQR "
-         f"over {args.seeds} seeds")
-    results.write(args.out)
 
 
 if __name__ == "__main__":

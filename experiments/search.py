@@ -57,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gpu = parser.add_mutually_exclusive_group()
     gpu.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None)
     gpu.add_argument("--no-gpu", dest="use_gpu", action="store_false")
+    parser.add_argument("--pick", metavar="RULE",
+                        help="which Pareto-front member best_config.yaml is: the most "
+                             "accurate one meeting RULE, e.g. 'macs<=1e6' or "
+                             "'params<2e5,latency_ms<=5' (default: the most accurate)")
     parser.add_argument("--quiet", action="store_true", help="warnings and errors only")
     return parser.parse_args(argv)
 
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         storage_path=storage_path, resume=bool(args.resume), seed=args.seed,
         mlflow_uri=args.mlflow_uri, experiment_name=args.experiment_name,
         data_dir=args.data_dir, smoke_test=args.smoke_test, address=args.address,
-        use_gpu=args.use_gpu)
+        use_gpu=args.use_gpu, pick=args.pick)
     from coatnet.search.runner import run_search
 
     try:
@@ -114,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(format_leaderboard(outcome.rows, metric=outcome.metric))
+    if outcome.pareto_csv is not None:
+        from coatnet.search.front import format_front
+
+        print()
+        print(format_front(outcome.front, objectives=outcome.objectives,
+                           metric=outcome.metric))
+        print(f"hypervolume {outcome.hypervolume:.6g}; front: {outcome.pareto_csv}"
+              + (f", plot: {outcome.pareto_plot}" if outcome.pareto_plot else ""))
     print()
     print("trials: " + ", ".join(f"{n} {s}" for s, n in outcome.status_counts.items() if n))
     print(f"leaderboard:      {outcome.leaderboard_csv}")

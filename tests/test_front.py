@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import random
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import pytest
 
 from coatnet import CoAtNetConfig
 from coatnet.search.contracts import Candidate, Hyperparameters
-from coatnet.search.front import export_front, front_of
+from coatnet.search.front import (export_front, format_front, front_of, hypervolume_history,
+                                  parse_pick, pick_best)
 from coatnet.search.pareto import Objective
 from coatnet.search.results import LeaderboardRow
 
@@ -78,3 +80,50 @@ def test_export_writes_csv_configs_plot_and_hypervolume(tmp_path: Path) -> None:
     # reference (0, 1.1e6): cheap's box 0.8 x 1e6, big's extra 0.15 x 1e5
     assert files.reference == pytest.approx((0.0, 1.1e6))
     assert files.hypervolume == pytest.approx(0.8 * 1.0e6 + 0.15 * 1.0e5)
+
+
+# ---------------------------------------------------------------------------- --pick
+def test_pick_reads_clauses_and_refuses_what_it_cannot_use() -> None:
+    rule = parse_pick("macs<=1e6, latency_ms < 5")
+    assert [str(c) for c in rule] == ["macs<=1e+06", "latency_ms<5"]
+    assert parse_pick(None) == () and parse_pick("  ") == ()
+    for bad, says in (("test_accuracy>=0.9", "held-out"), ("flops<=1e6", "allowed"),
+                      ("macs=1e6", "OP one of"), ("macs<=lots", "not a number"),
+                      ("macs<=inf", "finite")):
+        with pytest.raises(ValueError, match="--pick") as info:
+            parse_pick(bad)
+        assert says in str(info.value), (bad, str(info.value))
+
+
+def test_pick_takes_the_most_accurate_front_member_under_the_rule() -> None:
+    rows = [_row("big", "completed", 0.95, 3 * 10**6, 128),
+            _row("mid", "completed", 0.90, 10**6, 64),
+            _row("small", "completed", 0.80, 3 * 10**5, 64)]
+    front = front_of(rows, OBJECTIVES, metric="val_accuracy")
+    assert [r.trial_id for r in front] == ["small", "mid", "big"]
+    assert pick_best(front, (), metric="val_accuracy", mode="max").trial_id == "big"
+    assert pick_best(front, parse_pick("macs<=1e6"), metric="val_accuracy",
+                     mode="max").trial_id == "mid"
+    assert pick_best(front, parse_pick("macs<1e6"), metric="val_accuracy",
+                     mode="max").trial_id == "small"
+    assert pick_best(front, parse_pick("macs<1e5"), metric="val_accuracy", mode="max") is None
+
+
+def test_hypervolume_history_grows_in_the_order_trials_ended() -> None:
+    rows = [dataclasses.replace(_row("a", "completed", 0.5, 10**6, 64), ended_at=1.0),
+            dataclasses.replace(_row("b", "early-stopped", 0.9, 10**5, 64), ended_at=2.0),
+            dataclasses.replace(_row("c", "completed", 0.8, 10**6, 64), ended_at=3.0)]
+    reference = (0.0, 2.0 * 10**6)
+    history = hypervolume_history(rows, OBJECTIVES, metric="val_accuracy", reference=reference)
+    assert [k for k, _ in history] == [1, 2, 3]
+    # a: 0.5 x 1e6; b (early-stopped) adds nothing; c dominates a: 0.8 x 1e6
+    assert [v for _, v in history] == pytest.approx([0.5e6, 0.5e6, 0.8e6])
+
+
+def test_format_front_lists_members_cheapest_first() -> None:
+    rows = [_row("big", "completed", 0.95, 3 * 10**6, 128),
+            _row("small", "completed", 0.80, 3 * 10**5, 64)]
+    text = format_front(front_of(rows, OBJECTIVES, metric="val_accuracy"),
+                        objectives=OBJECTIVES, metric="val_accuracy")
+    assert text.index("small") < text.index("big")
+    assert "best_val_accuracy" in text and "macs" in text and "pareto/big.yaml" in text

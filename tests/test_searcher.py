@@ -192,3 +192,35 @@ def test_the_result_that_ends_a_trial_is_its_last_intermediate_value(tmp_path: P
     trial = stored(tmp_path)["t"]
     assert trial.intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.45}
     assert trial.state.name == "COMPLETE" and trial.value == 0.45
+
+
+def test_two_objectives_are_told_together_and_epochs_kept_as_an_attribute(tmp_path) -> None:
+    """Optuna stores no intermediate values for several objectives: each epoch's accuracy is
+    kept in the trial's user attribute; a finished trial is told accuracy and MACs."""
+    search = StudySearch(space=space, metric=["val_accuracy", "macs"], mode=["max", "min"],
+                         sampler=optuna.samplers.TPESampler(seed=0),
+                         storage=storage_url(tmp_path), study_name="s", max_epochs=EPOCHS)
+    for trial_id in ("done", "cut", "inf", "lost"):
+        search.suggest(trial_id)
+    for trial_id, values in (("done", [0.2, 0.4, 0.5, 0.6]), ("cut", [0.1, 0.25])):
+        result: dict[str, Any] = {}
+        for epoch, value in enumerate(values, start=1):
+            result = {"val_accuracy": value, "macs": 1000, "epochs_done": epoch,
+                      "status": "running"}
+            search.on_trial_result(trial_id, result)
+        search.on_trial_complete(trial_id, result)
+    search.on_trial_complete("inf", {"val_accuracy": 0.0, "epochs_done": 0,
+                                     "status": "infeasible"})  # no MACs: never built
+    search.on_trial_complete("lost", {"val_accuracy": 0.7, "epochs_done": EPOCHS,
+                                      "status": "running"})  # no MACs reported: not made up
+    study = optuna.load_study(study_name="s", storage=storage_url(tmp_path))
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    trials = stored(tmp_path)
+    assert trials["done"].state.name == "COMPLETE" and trials["done"].values == [0.6, 1000.0]
+    assert trials["done"].user_attrs["intermediate_val_accuracy"] == {
+        "1": 0.2, "2": 0.4, "3": 0.5, "4": 0.6}
+    assert trials["cut"].state.name == "PRUNED"
+    assert trials["cut"].user_attrs["intermediate_val_accuracy"] == {"1": 0.1, "2": 0.25}
+    assert trials["inf"].state.name == "COMPLETE" and trials["inf"].values == [0.0, math.inf]
+    assert trials["lost"].state.name == "FAIL"
+    search.suggest("next")  # the multi-objective sampler reads these trials without error

@@ -132,7 +132,9 @@ class LoopConfig:
 
     ``data`` is the validated ``data:`` section as a dict (``coatnet.search.data`` reads it);
     ``macs`` is merged into every report; ``faults`` is the test-only fault plan
-    (``coatnet.search.faults``), None outside the test suite.
+    (``coatnet.search.faults``), None outside the test suite; ``latency`` is the space's
+    ``search.latency`` (batch_size, threads, warmup, repeats): the loop measures
+    ``latency_ms`` once, before the first epoch, and merges it into every report.
     """
 
     model: Mapping[str, Any]
@@ -143,12 +145,14 @@ class LoopConfig:
     macs: int | None = None
     faults: Mapping[str, Any] | None = None
     runtime: LoopRuntime = field(default_factory=LoopRuntime)
+    latency: Mapping[str, Any] | None = None  # search.latency; None: latency not measured
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": dict(self.model), "hparams": self.hparams.to_dict(),
                 "data": dict(self.data), "trial": self.trial.to_dict(), "seed": self.seed,
                 "macs": self.macs, "faults": None if self.faults is None else dict(self.faults),
-                "runtime": dataclasses.asdict(self.runtime)}
+                "runtime": dataclasses.asdict(self.runtime),
+                "latency": None if self.latency is None else dict(self.latency)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LoopConfig:
@@ -189,6 +193,8 @@ class EpochReport:
     resumed_from_epoch: int = 0
     startup_s: float | None = None
     infeasible_reason: str | None = None
+    latency_ms: float | None = None  # inference latency, measured once before training
+    latency_device: str | None = None  # where latency_ms was measured
 
     def to_metrics(self) -> dict[str, Any]:
         """The dict for ``ray.tune.report`` / ``ray.train.report`` (unset optionals left out)."""

@@ -14,16 +14,31 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from coatnet.search.pareto import Objective, hypervolume, pareto_front
 from coatnet.search.results import LeaderboardRow, write_best_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FrontFiles", "export_front", "front_of", "objective_value", "reference_point"]
+__all__ = ["Condition", "FrontFiles", "PICK_METRICS", "export_front", "format_front", "front_of",
+           "hypervolume_history", "objective_value", "objectives_of", "parse_pick",
+           "pick_best", "reference_point"]
+
+PICK_METRICS = ("val_accuracy", "val_loss", "train_loss", "params", "macs", "latency_ms")
+_OPERATORS = ("<=", ">=", "<", ">")  # two-character ones first
+
+
+def objectives_of(search: Any) -> tuple[Objective, ...]:
+    """A ``search:`` section's objectives: ``search.objectives``, else its metric and mode."""
+    entries = getattr(search, "objectives", None) or []
+    if entries:
+        return tuple(Objective(metric=e.metric, mode=e.mode) for e in entries)
+    return (Objective(metric=search.metric, mode=search.mode),)
 
 
 def objective_value(row: LeaderboardRow, objective: Objective, *,
@@ -148,3 +163,98 @@ def plot_front(rows: Sequence[LeaderboardRow], front: Sequence[LeaderboardRow], 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- picking a model
+@dataclass(frozen=True)
+class Condition:
+    """One clause of a ``--pick`` rule, e.g. ``macs<=1e6``."""
+
+    metric: str
+    op: str
+    value: float
+
+    def holds(self, row: LeaderboardRow, *, metric: str) -> bool:
+        actual = row.best_value if self.metric == metric else getattr(row, self.metric, None)
+        if not isinstance(actual, (int, float)) or not math.isfinite(actual):
+            return False
+        return {"<=": actual <= self.value, ">=": actual >= self.value,
+                "<": actual < self.value, ">": actual > self.value}[self.op]
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+
+def parse_pick(text: str | None) -> tuple[Condition, ...]:
+    """``"macs<=1e6,latency_ms<5"`` -> its conditions (all must hold); ``ValueError`` naming
+    the bad clause and what is allowed. The held-out ``test_accuracy`` is never a rule: no
+    choice may look at the test split."""
+    if text is None or not text.strip():
+        return ()
+    conditions = []
+    for clause in (c.strip() for c in text.split(",")):
+        match = re.fullmatch(r"([A-Za-z_]+)\s*(<=|>=|<|>)\s*(\S+)", clause)
+        if match is None:
+            raise ValueError(f"--pick: cannot read {clause!r}; write METRIC OP NUMBER, e.g. "
+                             f"'macs<=1e6', with OP one of {', '.join(_OPERATORS)}, clauses "
+                             f"joined by ','")
+        name, op, number = match.groups()
+        if name not in PICK_METRICS:
+            raise ValueError(f"--pick: unknown metric {name!r} in {clause!r}; allowed: "
+                             f"{', '.join(PICK_METRICS)} (test_accuracy never picks: it is "
+                             f"the held-out figure)")
+        try:
+            value = float(number)
+        except ValueError:
+            raise ValueError(f"--pick: {number!r} in {clause!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"--pick: {number!r} in {clause!r} is not a finite number")
+        conditions.append(Condition(metric=name, op=op, value=value))
+    return tuple(conditions)
+
+
+def pick_best(front: Sequence[LeaderboardRow], conditions: Sequence[Condition], *,
+              metric: str, mode: str) -> LeaderboardRow | None:
+    """The most accurate (best ``metric``) front member meeting every condition; None when
+    none does."""
+    eligible = [r for r in front if r.best_value is not None
+                and all(c.holds(r, metric=metric) for c in conditions)]
+    if not eligible:
+        return None
+    sign = -1.0 if mode == "max" else 1.0
+    return min(eligible, key=lambda r: (sign * float(r.best_value or 0.0), r.trial_id))
+
+
+def hypervolume_history(rows: Sequence[LeaderboardRow], objectives: Sequence[Objective], *,
+                        metric: str, reference: Sequence[float]) -> list[tuple[int, float]]:
+    """``(k, hypervolume)`` after each of the k finished trials, in the order they ended (by
+    their last result's time), at one reference point: how the front grew."""
+    ordered = sorted(rows, key=lambda r: (r.ended_at is None, r.ended_at or 0.0, r.trial_id))
+    history, done = [], []
+    modes = [o.mode for o in objectives]
+    for k, row in enumerate(ordered, start=1):
+        if row.status == "completed":
+            done.append(tuple(objective_value(row, o, metric=metric) for o in objectives))
+        front = [done[i] for i in pareto_front(done, modes)] if done else []
+        history.append((k, hypervolume(front, modes, reference) if front else 0.0))
+    return history
+
+
+def format_front(front: Sequence[LeaderboardRow], *, objectives: Sequence[Objective],
+                 metric: str) -> str:
+    """The front as a table, cheapest first: every objective, test accuracy, the config."""
+    names = [f"best_{o.metric}" if o.metric == metric else o.metric for o in objectives]
+    header = "Pareto front: " + "  ".join(f"{n:>14}" for n in names) + \
+        f"  {'test_acc':>8}  trial / config"
+    lines = [header, "-" * len(header)]
+    for row in front:
+        cells = []
+        for objective in objectives:
+            value = objective_value(row, objective, metric=metric)
+            cells.append(f"{'-' if value is None else f'{value:.6g}':>14}")
+        test = "-" if row.test_accuracy is None else f"{row.test_accuracy:.4f}"
+        lines.append(" " * len("Pareto front: ") + "  ".join(cells) +
+                     f"  {test:>8}  {row.trial_id} / pareto/{row.trial_id}.yaml")
+    if not front:
+        lines.append("(no trial completed every epoch)")
+    return "\n".join(lines)

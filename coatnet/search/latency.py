@@ -47,7 +47,9 @@ def measure_latency(model: torch.nn.Module, *, image_size: int, image_channel: i
                          f"{batch_size}, {threads}, {repeats}, {warmup}")
     was_training = model.training
     previous_threads = torch.get_num_threads()
-    images = torch.randn(batch_size, image_channel, image_size, image_size, device=device)
+    # a generator of its own: measuring must not move the trial's seeded random streams
+    images = torch.randn(batch_size, image_channel, image_size, image_size,
+                         generator=torch.Generator().manual_seed(0)).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: list[float] = []
     try:

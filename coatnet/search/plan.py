@@ -22,6 +22,7 @@ from coatnet.search import cluster
 from coatnet.search.checkpoints import atomic_write_bytes
 from coatnet.search.contracts import TrialSettings
 from coatnet.search.errors import SearchInputError
+from coatnet.search.front import Condition, parse_pick
 from coatnet.search.lock import LOCK_FILE
 from coatnet.search.space import SearchSpace, load_space
 
@@ -50,6 +51,7 @@ class SearchOptions:
     smoke_test: bool = False
     address: str | None = None
     use_gpu: bool | None = None
+    pick: str | None = None  # e.g. "macs<=1e6": which front member best_config.yaml is
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class SearchPlan:
     experiment_name: str
     data: dict[str, Any]  # the data: section, paths resolved (coatnet.search.data reads it)
     trial: TrialSettings
+    pick: tuple[Condition, ...] = ()  # --pick, parsed (coatnet.search.front)
 
 
 def _storage_root(options: SearchOptions) -> Path:
@@ -108,6 +111,10 @@ def plan_search(options: SearchOptions) -> SearchPlan:
                         ("--max-concurrent-trials", options.max_concurrent_trials)):
         if value is not None and value < 1:
             raise SearchInputError(f"{flag}={value}: must be a positive integer")
+    try:
+        pick = parse_pick(options.pick)
+    except ValueError as err:
+        raise SearchInputError(str(err)) from None
     space = load_space(options.space)  # SpaceError lists every problem in the file
     if options.smoke_test:
         space = space.smoke_test()
@@ -172,7 +179,7 @@ def plan_search(options: SearchOptions) -> SearchPlan:
     check_tracking_uri(tracking_uri, source=source)
     return SearchPlan(space=space, name=name, storage_path=root, experiment_dir=experiment_dir,
                       resuming=resuming, state=state or {}, tracking_uri=tracking_uri,
-                      experiment_name=experiment_name, data=data, trial=trial)
+                      experiment_name=experiment_name, data=data, trial=trial, pick=pick)
 
 
 def check_tracking_uri(uri: str, *, source: str) -> None:

@@ -43,6 +43,10 @@ class LeaderboardRow:
     checkpoint: str | None
     error: str | None = None
     test_accuracy: float | None = None  # held-out test split; only the winners are evaluated
+    latency_ms: float | None = None  # measured once per candidate, on latency_device
+    latency_device: str | None = None
+    ended_at: float | None = None  # Tune's timestamp of the trial's last result
+    on_front: bool = False  # on the accuracy-versus-cost Pareto front (coatnet.search.front)
 
     @property
     def model(self) -> Mapping[str, Any]:
@@ -56,6 +60,8 @@ class LeaderboardRow:
             "trial_id": self.trial_id, "status": self.status, f"best_{metric}": self.best_value,
             "test_accuracy": self.test_accuracy,
             "epochs_done": self.epochs_done, "params": self.params, "macs": self.macs,
+            "latency_ms": self.latency_ms, "latency_device": self.latency_device or "",
+            "on_front": self.on_front,
             "layout": "".join(model.get("block_type_in_layers") or []),
             "depths": _join(model.get("num_blocks_in_layers")),
             "channels": _join(model.get("num_channels_in_layers")),
@@ -73,6 +79,12 @@ def _join(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "-".join(str(v) for v in value)
     return "" if value is None else str(value)
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def _best_of(values: list[float], mode: str) -> float | None:
@@ -115,7 +127,10 @@ def leaderboard(result_grid: Any, *, metric: str, mode: str,
             params=candidate.params if candidate else None,
             macs=candidate.macs if candidate else None, candidate=candidate,
             checkpoint=best_checkpoint,
-            error=None if result.error is None else str(result.error).splitlines()[0][:300]))
+            error=None if result.error is None else str(result.error).splitlines()[0][:300],
+            latency_ms=_finite_or_none(last.get("latency_ms")),
+            latency_device=last.get("latency_device"),
+            ended_at=_finite_or_none(last.get("timestamp"))))
     sign = -1.0 if mode == "max" else 1.0
     return sorted(rows, key=lambda r: (r.best_value is None,
                                        sign * (r.best_value or 0.0), r.trial_id))
@@ -139,28 +154,34 @@ def write_best_config(row: LeaderboardRow, path: Path, *, metric: str) -> None:
         "result": {"trial_id": row.trial_id, metric: row.best_value,
                    "test_accuracy": row.test_accuracy,
                    "epochs_done": row.epochs_done, "params": row.params, "macs": row.macs,
-                   "checkpoint": row.checkpoint},
+                   "latency_ms": row.latency_ms, "latency_device": row.latency_device,
+                   "on_front": row.on_front, "checkpoint": row.checkpoint},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(document, sort_keys=False))
 
 
 def format_leaderboard(rows: list[LeaderboardRow], *, metric: str, limit: int = 10) -> str:
+    """The top ``limit`` rows as a table; ``*`` marks the rows on the Pareto front."""
     header = f"{'rank':>4}  {'trial':<14} {'status':<14} {metric:>12} {'epochs':>6} " \
-             f"{'params':>9} {'MMACs':>8}  layout depths / channels"
+             f"{'params':>9} {'MMACs':>8} {'ms':>7}  layout depths / channels"
     lines = [header, "-" * len(header)]
     for rank, row in enumerate(rows[:limit], start=1):
         model = row.model
         value = "-" if row.best_value is None else f"{row.best_value:.4f}"
         params = "-" if row.params is None else f"{row.params / 1e6:.2f}M"
         macs = "-" if row.macs is None else f"{row.macs / 1e6:.1f}"
+        latency = "-" if row.latency_ms is None else f"{row.latency_ms:.2f}"
         arch = (f"{''.join(model.get('block_type_in_layers') or []) or '-'} "
                 f"{_join(model.get('num_blocks_in_layers'))} / "
                 f"{_join(model.get('num_channels_in_layers'))}")
-        lines.append(f"{rank:>4}  {row.trial_id:<14} {row.status:<14} {value:>12} "
-                     f"{row.epochs_done:>6} {params:>9} {macs:>8}  {arch}")
+        mark = "*" if row.on_front else " "
+        lines.append(f"{rank:>4}{mark} {row.trial_id:<14} {row.status:<14} {value:>12} "
+                     f"{row.epochs_done:>6} {params:>9} {macs:>8} {latency:>7}  {arch}")
     if len(rows) > limit:
         lines.append(f"... {len(rows) - limit} more in leaderboard.csv")
+    if any(r.on_front for r in rows):
+        lines.append("* on the Pareto front (pareto.csv); ms: inference latency per batch")
     return "\n".join(lines)
 
 
@@ -173,11 +194,14 @@ class ResultFiles:
     best: LeaderboardRow | None
 
 
-def export(rows: list[LeaderboardRow], experiment_dir: Path, *, metric: str) -> ResultFiles:
-    """``leaderboard.csv`` and (when a trial has a value) ``best_config.yaml``."""
+def export(rows: list[LeaderboardRow], experiment_dir: Path, *, metric: str,
+           best: LeaderboardRow | None = None) -> ResultFiles:
+    """``leaderboard.csv`` and (when a trial has a value) ``best_config.yaml`` of ``best``
+    (default: the first row with a value, the most accurate)."""
     leaderboard_csv = experiment_dir / "leaderboard.csv"
     write_leaderboard(rows, leaderboard_csv, metric=metric)
-    best = next((r for r in rows if r.best_value is not None), None)
+    if best is None:
+        best = next((r for r in rows if r.best_value is not None), None)
     best_config_yaml = None
     if best is not None:
         best_config_yaml = experiment_dir / "best_config.yaml"

@@ -11,7 +11,6 @@ the Optuna study carries on and MLflow keeps one child run per trial.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
@@ -19,14 +18,15 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from coatnet.search import cluster
 from coatnet.search.errors import SearchInputError, SearchInterrupted
 from coatnet.search.faults import CONFIG_KEY as FAULTS_CONFIG_KEY
+from coatnet.search.export import SearchOutcome, export_search
 from coatnet.search.faults import FaultPlan
+from coatnet.search.front import objectives_of
 from coatnet.search.interrupts import InterruptWatch
 from coatnet.search.lock import DriverLock
 from coatnet.search.plan import STATE_FILE, SearchOptions, SearchPlan, plan_search, write_state
@@ -35,24 +35,6 @@ from coatnet.search.restore import TrialLogKeeper, saved_experiment, set_aside_t
 logger = logging.getLogger("coatnet.search")
 
 SAVE_PERIOD_S = "5"  # Tune's experiment-state save period (TUNE_GLOBAL_CHECKPOINT_S wins)
-
-
-@dataclass
-class SearchOutcome:
-    """What a finished search hands back to the CLI."""
-
-    experiment_dir: Path
-    leaderboard_csv: Path
-    best_config_yaml: Path | None
-    best_checkpoint: str | None
-    best_value: float | None
-    status_counts: dict[str, int]
-    parent_run_id: str
-    tracking_uri: str
-    rows: list[Any]
-    metric: str
-    best_test_accuracy: float | None = None  # the winner on the held-out test split
-    mlflow_pending: int = 0  # MLflow operations not delivered (sync_mlflow.py sends them)
 
 
 def run_search(options: SearchOptions) -> SearchOutcome:
@@ -123,7 +105,7 @@ def _run_locked(plan: SearchPlan, options: SearchOptions) -> SearchOutcome:
         _mark_interrupted(plan, parent_run_id)
         raise _interrupted_error(plan, options)
     with _ctrl_c_waits():
-        return _export(plan, grid, parent_run_id=parent_run_id)
+        return export_search(plan, grid, parent_run_id=parent_run_id)
 
 
 def _tuner(plan: SearchPlan, *, tune_storage: str, parent_run_id: str, mlflow_state: Path,
@@ -137,7 +119,8 @@ def _tuner(plan: SearchPlan, *, tune_storage: str, parent_run_id: str, mlflow_st
     trainable = tune.with_resources(run_trial, trial_resources(plan.trial))
     param_space: dict[str, Any] = {"data": plan.data, "trial": plan.trial.to_dict(),
                                    "seed": settings.seed, "metric": settings.metric,
-                                   "mode": settings.mode}
+                                   "mode": settings.mode,
+                                   "latency": settings.latency.model_dump()}
     faults = FaultPlan.from_env()  # test-only (coatnet.search.faults); None for every user
     if faults is not None:
         param_space[FAULTS_CONFIG_KEY] = faults.to_dict()
@@ -187,24 +170,44 @@ def _searcher(plan: SearchPlan, *, mlflow_state: Path) -> Any:
         sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
             seed=settings.seed, n_startup_trials=settings.n_startup_trials)
     elif settings.searcher == "nsga2":
-        sampler = optuna.samplers.NSGAIISampler(seed=settings.seed)
+        # Optuna's default population (50) would make any search of fewer trials random
+        sampler = optuna.samplers.NSGAIISampler(seed=settings.seed,
+                                                population_size=nsga2_population(settings))
     else:
         sampler = optuna.samplers.RandomSampler(seed=settings.seed)
+    objectives = objectives_of(settings)
     # Optuna 5: constraints go through Trial.set_constraint (constraints_func is
     # deprecated); infeasible candidates are then ranked below feasible ones by TPE.
     return StudySearch(space=functools.partial(plan.space.define_by_run, set_constraints=True),
-                       metric=settings.metric, mode=settings.mode, sampler=sampler,
+                       metric=[o.metric for o in objectives],
+                       mode=[o.mode for o in objectives], sampler=sampler,
                        storage=storage_url(plan.experiment_dir), study_name=plan.name,
                        max_epochs=plan.trial.epochs, enqueue=settings.enqueue,
                        run_id_of=RecordedRunIds(str(mlflow_state)))
 
 
+def nsga2_population(settings: Any) -> int:
+    """NSGA-II's population: a fifth of the samples (at least 4, at most Optuna's 50), so a
+    search sees a few generations."""
+    return max(4, min(50, int(settings.num_samples) // 5))
+
+
 def _scheduler(plan: SearchPlan) -> Any:
     from ray.tune.schedulers import ASHAScheduler
+
+    from coatnet.search.schedulers import ParetoASHA
 
     asha = plan.space.search.asha
     if asha is None:  # search.asha: null - every trial runs all its epochs (Tune's FIFO)
         return None
+    objectives = objectives_of(plan.space.search)
+    if len(objectives) > 1:  # ASHA by accuracy alone would cut the cheap end of the front
+        if asha.brackets != 1:
+            logger.warning("search.asha.brackets = %d: the accuracy-versus-cost early "
+                           "stopping has one bracket", asha.brackets)
+        return ParetoASHA(objectives=objectives, max_t=plan.trial.epochs,
+                          time_attr="epochs_done", grace_period=asha.grace_period,
+                          reduction_factor=asha.reduction_factor)
     return ASHAScheduler(time_attr="epochs_done", max_t=plan.trial.epochs,
                          grace_period=asha.grace_period,
                          reduction_factor=asha.reduction_factor, brackets=asha.brackets)
@@ -239,70 +242,6 @@ def _ctrl_c_waits() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _export(plan: SearchPlan, grid: Any, *, parent_run_id: str) -> SearchOutcome:
-    """Leaderboard and best config into the experiment directory; close the parent run."""
-    from coatnet.search import results as results_mod
-    from coatnet.search.tracking import finish_search_run, pending_tracking_operations
-
-    metric, mode = plan.space.search.metric, plan.space.search.mode
-    rows = results_mod.leaderboard(grid, metric=metric, mode=mode,
-                                   max_epochs=plan.trial.epochs)
-    rows = _with_test_accuracy(plan, rows)
-    files = results_mod.export(rows, plan.experiment_dir, metric=metric)
-    counts = results_mod.status_counts(rows)
-    best = files.best
-    finish = {
-        "status_counts": counts, "best_value": None if best is None else best.best_value,
-        "trial_status": {r.trial_id: r.status for r in rows},
-        "test_accuracy": {r.trial_id: r.test_accuracy for r in rows
-                          if r.test_accuracy is not None},
-        "best_trial_id": None if best is None else best.trial_id,
-        "leaderboard_csv": str(files.leaderboard_csv),
-        "best_config_yaml": None if files.best_config_yaml is None
-        else str(files.best_config_yaml),
-        "metric": metric,
-        "infeasible_reasons": {r.trial_id: (r.candidate and r.candidate.infeasible_reason) or ""
-                               for r in rows if r.status == "infeasible"}}
-    _close_study(plan, trial_ids=[r.trial_id for r in rows])
-    # every trial has ended: MLflow's child runs are settled to the leaderboard's statuses
-    finish_search_run(experiment_dir=plan.experiment_dir, tracking_uri=plan.tracking_uri,
-                      parent_run_id=parent_run_id, trial_ids=[r.trial_id for r in rows],
-                      finish=finish)
-    pending = pending_tracking_operations(plan.experiment_dir)
-    if pending:
-        logger.warning("MLflow at %s did not receive %d operation(s); they are kept in %s. "
-                       "Send them with: python experiments/sync_mlflow.py %s",
-                       plan.tracking_uri, pending, plan.experiment_dir, plan.experiment_dir)
-    return SearchOutcome(experiment_dir=plan.experiment_dir,
-                         leaderboard_csv=files.leaderboard_csv,
-                         best_config_yaml=files.best_config_yaml,
-                         best_checkpoint=None if best is None else best.checkpoint,
-                         best_value=None if best is None else best.best_value,
-                         best_test_accuracy=None if best is None else best.test_accuracy,
-                         status_counts=counts, parent_run_id=parent_run_id,
-                         tracking_uri=plan.tracking_uri, rows=rows, metric=metric,
-                         mlflow_pending=pending)
-
-
-def _with_test_accuracy(plan: SearchPlan, rows: list[Any]) -> list[Any]:
-    """The rows, the winner's carrying its accuracy on the held-out test split."""
-    from coatnet.search.evaluation import evaluate_rows
-
-    winners = [r for r in rows if r.best_value is not None][:1]
-    scores = evaluate_rows(winners, data=plan.data, seed=plan.space.search.seed)
-    return [dataclasses.replace(r, test_accuracy=scores[r.trial_id])
-            if r.trial_id in scores else r for r in rows]
-
-
-def _close_study(plan: SearchPlan, *, trial_ids: list[str]) -> None:
-    """No Optuna trial stays RUNNING: fail the asks of killed drivers that Tune never saved."""
-    from coatnet.search.searcher import STUDY_FILE, close_orphans, storage_url
-
-    if (plan.experiment_dir / STUDY_FILE).exists():  # searches from before the stored study
-        close_orphans(storage=storage_url(plan.experiment_dir), study_name=plan.name,
-                      trial_ids=trial_ids)
 
 
 def _init_ray(address: str | None) -> None:

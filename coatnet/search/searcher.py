@@ -22,6 +22,13 @@
   epoch's value is an intermediate value at step ``epochs_done``, a trial that ended before
   ``max_epochs`` is told ``PRUNED``, a diverged, failed or non-finite one ``FAIL`` (Ray only
   logs the ``tell`` error for a NaN and leaves the trial RUNNING).
+* **Several objectives.** With ``metric`` a list (quality first, then costs such as ``macs``)
+  the study has one direction per objective and a finished trial is told every value from its
+  last result. Optuna cannot store intermediate values of a multi-objective trial
+  (``Trial.report`` raises), so each epoch's quality value goes to the trial's user attribute
+  ``intermediate_<metric>`` (``{epoch: value}``) instead; PRUNED and FAIL are told as above. An
+  infeasible candidate is told quality 0 (or the worst) and its known costs (``inf`` when
+  unknown), behind every feasible one through its constraint.
 * **A restored trial may be told already.** A trial that ended in a killed driver before Tune
   saved that comes back RUNNING; its study trial is finished, and its results are then skipped
   (Ray's searcher would raise ``UpdateFinishedTrialError`` into Tune and end the search).
@@ -52,6 +59,7 @@ ORPHANED_ATTR = "orphaned"
 RUN_ID_ATTR = "mlflow_run_id"
 ENQUEUED_ATTR = "enqueued"
 ORPHANS_ATTR = "orphaned_trials"
+INTERMEDIATE_ATTR_PREFIX = "intermediate_"  # several objectives: {epoch: quality value}
 
 
 def storage_url(experiment_dir: Path) -> str:
@@ -62,10 +70,17 @@ def storage_url(experiment_dir: Path) -> str:
 class StudySearch(OptunaSearch):
     """``OptunaSearch`` over a stored study, told the truth (see the module docstring)."""
 
-    def __init__(self, *, space: Any, metric: str, mode: str, sampler: optuna.samplers.BaseSampler,
-                 storage: str, study_name: str, max_epochs: int,
-                 enqueue: Sequence[Mapping[str, Any]] = (),
+    def __init__(self, *, space: Any, metric: str | Sequence[str], mode: str | Sequence[str],
+                 sampler: optuna.samplers.BaseSampler, storage: str, study_name: str,
+                 max_epochs: int, enqueue: Sequence[Mapping[str, Any]] = (),
                  run_id_of: Callable[[str], str | None] | None = None) -> None:
+        if not isinstance(metric, str):  # several objectives: Ray's OptunaSearch takes lists
+            metric, mode = list(metric), list(mode)
+            if len(metric) == 1:
+                metric, mode = metric[0], mode[0]
+        self._objectives = [metric] if isinstance(metric, str) else list(metric)
+        self._modes = [mode] if isinstance(mode, str) else list(mode)
+        self._quality = self._objectives[0]
         self._max_epochs = int(max_epochs)
         self._reported: dict[str, set[int]] = {}
         self._enqueue = [dict(point) for point in enqueue]
@@ -95,14 +110,24 @@ class StudySearch(OptunaSearch):
         if trial_id in self._completed_trials:
             return
         trial = self._trial(trial_id)
-        value, step = result.get(self.metric), result.get("epochs_done")
+        value, step = result.get(self._quality), result.get("epochs_done")
         if trial is None or not _finite(value) or not isinstance(step, int) or step < 1:
             return
         reported = self._reported.setdefault(trial_id, set())
         if step in reported:  # a resumed trial re-reports its last epoch
             return
         try:
-            trial.report(float(value), step)
+            if len(self._objectives) == 1:
+                trial.report(float(value), step)
+            else:  # Optuna keeps no intermediate values for several objectives
+                key = f"{INTERMEDIATE_ATTR_PREFIX}{self._quality}"
+                frozen = self._ot_study._storage.get_trial(trial._trial_id)
+                if frozen.state.is_finished():
+                    raise optuna.exceptions.UpdateFinishedTrialError(
+                        f"trial {frozen.number} is finished")
+                values = dict(frozen.user_attrs.get(key) or {})
+                values[str(step)] = float(value)
+                trial.set_user_attr(key, values)
         except optuna.exceptions.UpdateFinishedTrialError:
             # told already, by a driver killed before Tune saved that the trial had ended
             self._completed_trials.add(trial_id)
@@ -137,14 +162,27 @@ class StudySearch(OptunaSearch):
 
     # ------------------------------------------------------------------ helpers
     def _outcome(self, result: Mapping[str, Any], *,
-                 error: bool) -> tuple[TrialState, float | None]:
-        value = result.get(self.metric)
+                 error: bool) -> tuple[TrialState, float | list[float] | None]:
+        value = result.get(self._quality)
         if error or result.get("status") == "diverged" or not _finite(value):
             return TrialState.FAIL, None
-        if result.get("status") != "infeasible" and \
-                int(result.get("epochs_done") or 0) < self._max_epochs:
+        infeasible = result.get("status") == "infeasible"
+        if not infeasible and int(result.get("epochs_done") or 0) < self._max_epochs:
             return TrialState.PRUNED, None  # ranked by how far it got and its last value
-        return TrialState.COMPLETE, float(value)
+        if len(self._objectives) == 1:
+            return TrialState.COMPLETE, float(value)
+        values = [float(value)]
+        for metric, mode in zip(self._objectives[1:], self._modes[1:]):
+            cost = result.get(metric)
+            if _finite(cost):
+                values.append(float(cost))
+            elif infeasible:  # a candidate that cannot be built has no measured cost
+                values.append(math.inf if mode == "min" else -math.inf)
+            else:
+                logger.warning("trial %s reported no %s: told FAIL", result.get("trial_id"),
+                               metric)
+                return TrialState.FAIL, None
+        return TrialState.COMPLETE, values
 
     def _trial(self, trial_id: str) -> optuna.Trial | None:
         """The Optuna trial of a Tune trial; after a restore, found by its user attribute."""

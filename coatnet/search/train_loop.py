@@ -36,6 +36,7 @@ from coatnet.search.contracts import (STATUS_DIVERGED, STATUS_RUNNING, EpochRepo
                                       LoopConfig)
 from coatnet.search.data import DatasetInfo, load_datasets
 from coatnet.search.faults import FaultPlan
+from coatnet.search.latency import measure_latency
 from coatnet.search.reporting import Reporter, load_checkpoint_state, make_reporter
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class _Run:
     criterion: nn.Module
     autocast: Any
     params: int
+    info: DatasetInfo
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -162,7 +164,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     static = {"params": run.params, "macs": loop.macs, "node_id": node_id(),
               "device": str(run.device), "world_size": world_size,
-              "resumed_from_epoch": start_epoch}
+              "resumed_from_epoch": start_epoch,
+              **_latency(loop, run, rank=rank, measured=(state or {}).get("metrics"))}
     for epoch in range(start_epoch + 1, loop.trial.epochs + 1):
         if faults is not None:  # test-only (coatnet.search.faults)
             faults.before_epoch(epoch=epoch, rank=rank, lr=loop.hparams.lr,
@@ -203,6 +206,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      "model_config": dict(loop.model), "metrics": scalars,
                      "history": list(history)}
         reporter.report(metrics, state=state, epoch=epoch)
+
+
+def _latency(loop: LoopConfig, run: _Run, *, rank: int,
+             measured: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``latency_ms`` / ``latency_device`` of the candidate: from the checkpoint a trial resumed
+    from (measured once per candidate), else measured now, before any training, by rank 0
+    (whose reports are the trial's)."""
+    if loop.latency is None or rank != 0:
+        return {}
+    if measured and measured.get("latency_ms") is not None:
+        return {"latency_ms": measured["latency_ms"],
+                "latency_device": measured.get("latency_device")}
+    settings = dict(loop.latency)
+    latency = measure_latency(run.raw_model, image_size=run.info.image_size,
+                              image_channel=run.info.image_channel, device=run.device,
+                              batch_size=int(settings.get("batch_size", 1)),
+                              threads=int(settings.get("threads", 1)),
+                              warmup=int(settings.get("warmup", 3)),
+                              repeats=int(settings.get("repeats", 10)))
+    logger.info("latency %.3f ms per batch of %d on %s (%d thread(s), median of %d)",
+                latency.ms, latency.batch_size, latency.device, latency.threads,
+                latency.repeats)
+    return {"latency_ms": latency.ms, "latency_device": latency.device}
 
 
 def _report_unseen(reporter: Reporter, history: list[dict[str, Any]], *, start_epoch: int,
@@ -270,7 +296,8 @@ def _setup(loop: LoopConfig, reporter: Reporter) -> _Run:
                 else nullcontext())
     return _Run(model=model, raw_model=raw_model, device=device, train_loader=train_loader,
                 val_loader=val_loader, loader_gen=loader_gen, optimizer=optimizer,
-                scheduler=scheduler, criterion=criterion, autocast=autocast, params=params)
+                scheduler=scheduler, criterion=criterion, autocast=autocast, params=params,
+                info=info)
 
 
 def _train_epoch(run: _Run, *, epoch: int, seed: int, rank: int, world_size: int,

@@ -104,7 +104,8 @@ def build_loop_config(config: Mapping[str, Any], candidate: Candidate | None = N
     return LoopConfig(model=dict(candidate.model), hparams=candidate.hparams, data=data,
                       trial=_settings(config.get("trial")),
                       seed=int(config.get("seed", data.get("seed", 0))), macs=candidate.macs,
-                      faults=config.get(FAULTS_CONFIG_KEY) or None)
+                      faults=config.get(FAULTS_CONFIG_KEY) or None,
+                      latency=config.get("latency") or None)
 
 
 def _infeasible_report(candidate: Candidate) -> dict[str, Any]:

@@ -168,10 +168,14 @@ class MLflowTrackingCallback(Callback):
                     metrics[key] = number
             if best is not None and better:
                 metrics[f"best_{self.metric}"] = best
+            latency = finite_number(result.get("latency_ms"))  # measured once per candidate
+            if latency is not None:
+                metrics["latency_ms"] = latency
         tags = {
             "node": result.get("node_id") or result.get("hostname"),
             "hostname": result.get("hostname"),
             "device": result.get("device"),
+            "latency_device": result.get("latency_device"),
         }
         self._enqueue(
             {

@@ -271,6 +271,41 @@ def log_test_accuracy(*, tracking_uri: str, parent_run_id: str,
             Metric("best_test_accuracy", float(test_accuracy[best_trial_id]), now, 0)])
 
 
+def log_front(*, tracking_uri: str, parent_run_id: str, front: dict[str, Any]) -> None:
+    """The Pareto front of a search with several objectives, on the parent run: ``pareto.csv``,
+    ``pareto.png`` and the members' configs (``pareto/``) as artifacts, the ``hypervolume``
+    metric with its history (step k: after the k-th finished trial), the reference
+    point and objectives as tags; each member's child run is tagged ``pareto_front = true``."""
+    client = MlflowClient(tracking_uri)
+    now = now_ms()
+    history = [(int(k), float(v)) for k, v in front.get("history") or []]
+    # one metric: its history is the front's growth, its latest value the final hypervolume
+    metrics = [Metric("hypervolume", v, now, k) for k, v in history
+               if finite_number(v) is not None]
+    final = finite_number(front.get("hypervolume"))
+    if final is not None and (not history or history[-1][1] != final):
+        metrics.append(Metric("hypervolume", final, now + 1, len(history)))
+    metrics.append(Metric("pareto_front_size", float(len(front.get("members") or [])), now, 0))
+    for batch in chunks(metrics, 1000):
+        client.log_batch(parent_run_id, metrics=batch)
+    # tags, not params: a resumed search's front (and its reference point) may change
+    client.set_tag(parent_run_id, "pareto.reference",
+                   ",".join(f"{v:g}" for v in front.get("reference") or []))
+    client.set_tag(parent_run_id, "pareto.objectives", ",".join(front.get("objectives") or []))
+    for key in ("pareto_csv", "plot"):
+        path = front.get(key)
+        if path and Path(path).exists():
+            client.log_artifact(parent_run_id, str(path))
+    for path in front.get("configs") or []:
+        if Path(path).exists():
+            client.log_artifact(parent_run_id, str(path), artifact_path="pareto")
+    members = set(front.get("members") or [])
+    for trial_id, run_ids in search_trial_ids(tracking_uri=tracking_uri,
+                                              parent_run_id=parent_run_id).items():
+        for run_id in run_ids:
+            client.set_tag(run_id, "pareto_front", str(trial_id in members).lower())
+
+
 # --------------------------------------------------------------------------- unsent data
 
 
@@ -320,6 +355,9 @@ def finish_search_run(*, experiment_dir: Path | str, tracking_uri: str, parent_r
         log_test_accuracy(tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                           test_accuracy=dict(finish.get("test_accuracy") or {}),
                           best_trial_id=finish.get("best_trial_id"))
+        if finish.get("front"):
+            log_front(tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                      front=finish["front"])
         finish_parent_run(
             tracking_uri=tracking_uri, run_id=parent_run_id,
             status_counts=finish["status_counts"], best_value=finish["best_value"],
