@@ -152,10 +152,14 @@ def plot_front(rows: Sequence[LeaderboardRow], front: Sequence[LeaderboardRow], 
     steps = [(objective_value(r, cost, metric=metric), objective_value(r, quality,
                                                                       metric=metric))
              for r in front]
+    ax.set_xscale("log")
     if steps:
         xs, ys = zip(*steps)
-        ax.step(xs, ys, where="post", color="black", label="Pareto front")
-    ax.set_xscale("log")
+        # the front's staircase runs on to the right edge: what every member dominates
+        right = max(ax.get_xlim()[1], max(xs) * 1.05)
+        ax.step([*xs, right], [*ys, ys[-1]], where="post", color="black", label="Pareto front")
+        ax.scatter(xs, ys, s=120, facecolors="none", edgecolors="black", linewidths=1.2)
+        ax.set_xlim(right=right)
     ax.set_xlabel(f"{cost.metric} (log scale, lower is better)")
     ax.set_ylabel(f"best {quality.metric}")
     ax.grid(alpha=0.3)
