@@ -161,6 +161,7 @@ def test_sigkill_at_many_points_then_resume(drivers, tmp_path: Path, mlflow_serv
     points = schedule(rng, count)
     space = tmp_path / "space.yaml"
     space.write_text(SPACE.format(num_samples=NUM_SAMPLES, epochs=EPOCHS, max_failures=0,
+                                  objectives="",
                                   seed=seed).replace("searcher: random", "searcher: tpe"))
     args = ["--space", str(space), "--name", "kills", "--storage-path", str(tmp_path / "runs"),
             "--mlflow-uri", mlflow_server, "--experiment-name", f"rel-kills-{seed}"]
