@@ -2,8 +2,8 @@
 tests (``test_experiment_restore.py``): whatever the kill moment, the next resume carries on and
 the finished search is clean.
 
-Kill points (seeded by ``COATNET_FAULT_SEED``; ``COATNET_KILL_POINTS`` sets how many, 6 by
-default, at least 5: one of each kind): during a driver's start-up, right after a trial's MLflow run turns FINISHED, right
+Kill points (seeded by ``COATNET_FAULT_SEED``; ``COATNET_KILL_POINTS`` sets how many, 5 by
+default and at least: one of each kind): during a driver's start-up, right after a trial's MLflow run turns FINISHED, right
 after a new trial's MLflow run appears, at a random moment while trials train (between Tune's
 periodic saves), and during the final export. After every kill the next driver is started with
 ``--resume``; any driver that ends by itself must end with exit 0. At the end:
@@ -156,7 +156,7 @@ def study(experiment_dir: Path, study_name: str) -> optuna.Study:
 
 def test_sigkill_at_many_points_then_resume(drivers, tmp_path: Path, mlflow_server: str) -> None:
     seed = int(os.environ.get("COATNET_FAULT_SEED", "11"))
-    count = max(5, int(os.environ.get("COATNET_KILL_POINTS", "6")))
+    count = max(5, int(os.environ.get("COATNET_KILL_POINTS", "5")))
     rng = random.Random(seed)
     points = schedule(rng, count)
     space = tmp_path / "space.yaml"
