@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="which Pareto-front member best_config.yaml is: the most "
                              "accurate one meeting RULE, e.g. 'macs<=1e6' or "
                              "'params<2e5,latency_ms<=5' (default: the most accurate)")
+    parser.add_argument("--log-models", choices=("front", "best", "none"), default="front",
+                        help="MLflow models logged at the end: the best trial and every "
+                             "Pareto-front member (default), the best only, or none")
+    parser.add_argument("--register-model", metavar="NAME",
+                        help="register the best model in MLflow's Model Registry as a new "
+                             "version of NAME")
     parser.add_argument("--quiet", action="store_true", help="warnings and errors only")
     return parser.parse_args(argv)
 
@@ -90,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         storage_path=storage_path, resume=bool(args.resume), seed=args.seed,
         mlflow_uri=args.mlflow_uri, experiment_name=args.experiment_name,
         data_dir=args.data_dir, smoke_test=args.smoke_test, address=args.address,
-        use_gpu=args.use_gpu, pick=args.pick)
+        use_gpu=args.use_gpu, pick=args.pick, log_models=args.log_models,
+        register_model=args.register_model)
     from coatnet.search.runner import run_search
 
     try:
@@ -134,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"best on test:     {outcome.best_test_accuracy:.4f} test accuracy (held-out "
               f"split no trial saw; {outcome.metric} {outcome.best_value:.4f} was selected on)")
     print(f"best checkpoint:  {outcome.best_checkpoint or '-'}")
+    if outcome.best_model_uri:
+        print(f"best model:       {outcome.best_model_uri}"
+              + (f" (registered as {outcome.registered_model_uri})"
+                 if outcome.registered_model_uri else "")
+              + "; load with mlflow.pytorch.load_model")
     print(f"MLflow:           {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"compare trials:   mlflow ui --backend-store-uri {outcome.tracking_uri}")

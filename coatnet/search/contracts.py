@@ -119,6 +119,8 @@ class LoopRuntime:
     resume_from: str | None = None  # a checkpoint dir, or a dir of epoch_* checkpoints
     local_checkpoint_dir: str | None = None  # keep the latest checkpoints here too
     started_at: float | None = None  # time.time() when the trial started (startup_s)
+    # a checkpoint dir whose model weights (only) start the run: a fine-tune at a new size
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.report_to not in (REPORT_TO_TUNE, REPORT_TO_TRAIN):

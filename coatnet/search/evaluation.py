@@ -38,7 +38,7 @@ def held_out_accuracy(*, checkpoint: str, data: Mapping[str, Any], seed: int,
     splits = load_splits(data, seed=seed)
     if splits.test is None:
         return None
-    with _local(checkpoint) as directory:
+    with local_checkpoint(checkpoint) as directory:
         state = load_checkpoint_state(directory)
     model = build_model(state["model_config"], splits.info)
     model.load_state_dict(state["model"])
@@ -78,7 +78,7 @@ def evaluate_rows(rows: Iterable[LeaderboardRow], *, data: Mapping[str, Any],
 
 
 @contextlib.contextmanager
-def _local(path: str) -> Iterator[Path]:
+def local_checkpoint(path: str) -> Iterator[Path]:
     """A checkpoint folder on this machine: the folder itself, or a temporary copy of a
     remote one (``s3://``, ``gs://``, ...)."""
     if "://" not in path:

@@ -44,6 +44,8 @@ class SearchOutcome:
     pareto_plot: Path | None = None
     hypervolume: float | None = None
     objectives: tuple[Any, ...] = ()
+    best_model_uri: str | None = None  # the best trial's logged MLflow model
+    registered_model_uri: str | None = None  # models:/NAME/VERSION with --register-model
 
 
 def export_search(plan: SearchPlan, grid: Any, *, parent_run_id: str) -> SearchOutcome:
@@ -96,6 +98,10 @@ def export_search(plan: SearchPlan, grid: Any, *, parent_run_id: str) -> SearchO
         logger.info("Pareto front of %s: %d trial(s), hypervolume %.6g at reference %s",
                     plan.name, len(front_files.front), front_files.hypervolume,
                     front_files.reference)
+    finish["models"] = _models_to_log(plan, rows, best=best)
+    if plan.register_model:
+        finish["register_model"] = plan.register_model
+    finish["search_name"] = plan.name
     _close_study(plan, trial_ids=[r.trial_id for r in rows])
     # every trial has ended: MLflow's child runs are settled to the leaderboard's statuses
     finish_search_run(experiment_dir=plan.experiment_dir, tracking_uri=plan.tracking_uri,
@@ -120,7 +126,10 @@ def export_search(plan: SearchPlan, grid: Any, *, parent_run_id: str) -> SearchO
                          pareto_plot=None if front_files is None else front_files.plot,
                          hypervolume=None if front_files is None
                          else front_files.hypervolume,
-                         objectives=tuple(objectives))
+                         objectives=tuple(objectives),
+                         best_model_uri=None if best is None
+                         else finish.get("model_uris", {}).get(best.trial_id),
+                         registered_model_uri=finish.get("model_uris", {}).get("registered"))
 
 
 def _pick(plan: SearchPlan, rows: list[Any]) -> Any:
@@ -151,6 +160,23 @@ def _with_test_accuracy(plan: SearchPlan, rows: list[Any], *, evaluate: set[str]
     scores = evaluate_rows(chosen, data=plan.data, seed=plan.space.search.seed)
     return [dataclasses.replace(r, test_accuracy=scores[r.trial_id])
             if r.trial_id in scores else r for r in rows]
+
+
+def _models_to_log(plan: SearchPlan, rows: list[Any], *, best: Any) -> list[dict[str, Any]]:
+    """What ``finish_search_run`` logs as MLflow models (``--log-models``): the best trial, and
+    with ``front`` every Pareto-front member, each with the settings that trained it (the Tune
+    trial config: what a fine-tune at another resolution needs)."""
+    if plan.log_models == "none" or best is None:
+        return []
+    chosen = [best] + [r for r in rows if plan.log_models == "front" and r.on_front
+                       and r.trial_id != best.trial_id]
+    settings = plan.space.search
+    return [{"trial_id": r.trial_id, "checkpoint": r.checkpoint,
+             "role": "best" if r.trial_id == best.trial_id else "front",
+             "trial": {"trial_id": r.trial_id, "candidate": r.candidate.to_dict(),
+                       "data": dict(plan.data), "trial": plan.trial.to_dict(),
+                       "seed": settings.seed, "latency": settings.latency.model_dump()}}
+            for r in chosen if r.checkpoint and r.candidate is not None]
 
 
 def _close_study(plan: SearchPlan, *, trial_ids: list[str]) -> None:

@@ -27,6 +27,7 @@ from coatnet.search.lock import LOCK_FILE
 from coatnet.search.space import SearchSpace, load_space
 
 STATE_FILE = "search_state.json"
+LOG_MODELS = ("front", "best", "none")
 DEFAULT_STORAGE = "ray_results"
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # what MLflow 3 can track to (``+driver`` suffixes allowed, e.g. postgresql+psycopg2)
@@ -52,6 +53,8 @@ class SearchOptions:
     address: str | None = None
     use_gpu: bool | None = None
     pick: str | None = None  # e.g. "macs<=1e6": which front member best_config.yaml is
+    log_models: str = "front"  # MLflow models logged at the end: front | best | none
+    register_model: str | None = None  # register the best model under this name
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class SearchPlan:
     data: dict[str, Any]  # the data: section, paths resolved (coatnet.search.data reads it)
     trial: TrialSettings
     pick: tuple[Condition, ...] = ()  # --pick, parsed (coatnet.search.front)
+    log_models: str = "front"
+    register_model: str | None = None
 
 
 def _storage_root(options: SearchOptions) -> Path:
@@ -111,6 +116,14 @@ def plan_search(options: SearchOptions) -> SearchPlan:
                         ("--max-concurrent-trials", options.max_concurrent_trials)):
         if value is not None and value < 1:
             raise SearchInputError(f"{flag}={value}: must be a positive integer")
+    if options.log_models not in LOG_MODELS:
+        raise SearchInputError(f"--log-models={options.log_models!r}: must be one of "
+                               f"{', '.join(LOG_MODELS)}")
+    if options.register_model is not None and not _NAME_PATTERN.match(options.register_model):
+        raise SearchInputError(f"--register-model={options.register_model!r}: use letters, "
+                               "digits, '.', '_' and '-' (at most 128 characters)")
+    if options.register_model and options.log_models == "none":
+        raise SearchInputError("--register-model needs a logged model: drop --log-models none")
     try:
         pick = parse_pick(options.pick)
     except ValueError as err:
@@ -179,7 +192,8 @@ def plan_search(options: SearchOptions) -> SearchPlan:
     check_tracking_uri(tracking_uri, source=source)
     return SearchPlan(space=space, name=name, storage_path=root, experiment_dir=experiment_dir,
                       resuming=resuming, state=state or {}, tracking_uri=tracking_uri,
-                      experiment_name=experiment_name, data=data, trial=trial, pick=pick)
+                      experiment_name=experiment_name, data=data, trial=trial, pick=pick,
+                      log_models=options.log_models, register_model=options.register_model)
 
 
 def check_tracking_uri(uri: str, *, source: str) -> None:

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from coatnet.cpu_memory import keep_freed_memory
-from coatnet.search.checkpoints import CHECKPOINT_FILE, CheckpointError
+from coatnet.search.checkpoints import CHECKPOINT_FILE, CheckpointError, load_state
 from coatnet.search.contracts import (STATUS_DIVERGED, STATUS_RUNNING, EpochReport,
                                       LoopConfig)
 from coatnet.search.data import DatasetInfo, load_datasets
@@ -161,6 +161,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         start_epoch)
             reporter.report(final, state=None, epoch=start_epoch)
             return
+
+    elif loop.runtime.init_from:  # a fine-tune: the weights only, a fresh optimizer
+        run.raw_model.load_state_dict(load_state(loop.runtime.init_from)["model"])
+        logger.info("started from the weights in %s", loop.runtime.init_from)
 
     static = {"params": run.params, "macs": loop.macs, "node_id": node_id(),
               "device": str(run.device), "world_size": world_size,

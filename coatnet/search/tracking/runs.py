@@ -355,6 +355,15 @@ def finish_search_run(*, experiment_dir: Path | str, tracking_uri: str, parent_r
         log_test_accuracy(tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                           test_accuracy=dict(finish.get("test_accuracy") or {}),
                           best_trial_id=finish.get("best_trial_id"))
+        if finish.get("models"):
+            from coatnet.search.tracking.models import log_search_models
+
+            # the URIs go back to the caller in the same dict (the CLI prints them)
+            finish["model_uris"] = log_search_models(
+                tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                members=finish["models"], register=finish.get("register_model"),
+                runs=search_trial_ids(tracking_uri=tracking_uri, parent_run_id=parent_run_id),
+                search_name=str(finish.get("search_name", "")))
         if finish.get("front"):
             log_front(tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                       front=finish["front"])
