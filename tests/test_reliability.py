@@ -610,11 +610,24 @@ def test_sync_command_delivers_what_a_dead_server_missed(tmp_path: Path,
             "val_loss": 1.0, "images_per_s": 1.0, "epoch_time_s": 1.0, "status": "running"})
     callback.on_trial_complete(iteration=0, trials=[trial], trial=trial)
     callback.on_experiment_end(trials=[trial])
+    # the finish also lists the best model to log and register: the sync command does both
+    model = dict(image_height=32, image_width=32, image_channel=3, num_classes=4,
+                 num_blocks_in_layers=[1, 1, 1, 1, 1], num_channels_in_layers=[8, 8, 16, 16, 16],
+                 block_type_in_layers=["C", "C", "T", "T"], expand_scale_in_layers=2,
+                 head_dim=8)
+    from coatnet.search.checkpoints import save_state
+    from coatnet.search.tracking.models import build_coatnet, logged_model_uri
+
+    weights = build_coatnet({"candidate": {"model": model}}).state_dict()
+    save_state({"epoch": 2, "model": weights, "model_config": model}, experiment / "ckpt")
+    best = {"trial_id": "s0001", "checkpoint": str(experiment / "ckpt"), "role": "best",
+            "trial": {"trial_id": "s0001", "candidate": {"model": model}}}
     (experiment / PARENT_PENDING_FILE).write_text(json.dumps({
         "parent_run_id": parent, "trial_ids": ["s0001"],
         "finish": {"status_counts": {"completed": 1}, "best_value": 0.6, "metric": "val_accuracy",
                    "leaderboard_csv": None, "best_config_yaml": None,
-                   "infeasible_reasons": {}}}))
+                   "infeasible_reasons": {}, "models": [best],
+                   "register_model": "rel-sync-best", "search_name": "offline"}}))
     assert pending_tracking_operations(experiment) == 5  # open, 2 logs, close + the parent
 
     env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
@@ -634,6 +647,9 @@ def test_sync_command_delivers_what_a_dead_server_missed(tmp_path: Path,
     finished = client.get_run(parent)
     assert finished.info.status == "FINISHED"
     assert finished.data.metrics["trials_completed"] == 1
+    assert logged_model_uri(tracking_uri=mlflow_server, run_id=run.info.run_id) is not None
+    (version,) = client.search_model_versions("name = 'rel-sync-best'")
+    assert version.run_id == run.info.run_id
 
 
 def test_corrupted_latest_checkpoint_falls_back(tmp_path: Path,

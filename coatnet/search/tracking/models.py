@@ -88,7 +88,6 @@ def log_trial_model(*, tracking_uri: str, run_id: str, state_dict: Mapping[str, 
     import mlflow.pytorch
     import torch
     from mlflow.models import infer_signature
-
     from mlflow.tracking import MlflowClient
 
     existing = logged_model_uri(tracking_uri=tracking_uri, run_id=run_id)
@@ -113,7 +112,7 @@ def log_trial_model(*, tracking_uri: str, run_id: str, state_dict: Mapping[str, 
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             tags={ROLE_TAG: role, "tune_trial_id": str(trial.get("trial_id", ""))},
             step=int(step))
-        mlflow.MlflowClient(tracking_uri).log_dict(run_id, dict(cfg), "coatnet_config.json")
+        MlflowClient(tracking_uri).log_dict(run_id, dict(cfg), "coatnet_config.json")
     logger.info("logged the %s model of trial %s on run %s: %s", role, trial.get("trial_id"),
                 run_id, info.model_uri)
     return info.model_uri
@@ -135,9 +134,11 @@ def log_search_models(*, tracking_uri: str, parent_run_id: str, members: Sequenc
                       runs: Mapping[str, Sequence[str]], register: str | None,
                       search_name: str) -> dict[str, str]:
     """Log each member (``{"trial_id", "checkpoint", "role", "trial"}``: the best trial and the
-    front) on its trial's child run (``runs``: trial id -> its run ids, oldest first); register the ``best`` one under ``register``. Returns
-    ``{trial_id: model URI}`` (and ``"registered"``: ``models:/NAME/VERSION``). A member whose checkpoint cannot be read is skipped with a
-    warning (the search is done); an MLflow error propagates (the finish is retried)."""
+    front) on its trial's child run (``runs``: trial id -> its run ids, oldest first) and
+    register the ``best`` one under ``register``. Returns ``{trial_id: model URI}`` (and
+    ``"registered"``: ``models:/NAME/VERSION``). A member whose checkpoint cannot be read is
+    skipped with a warning (the search is done); an MLflow error propagates (the finish is
+    saved and retried by the sync command)."""
     from coatnet.search.checkpoints import CheckpointError, load_state
     from coatnet.search.evaluation import local_checkpoint
 
@@ -160,10 +161,11 @@ def log_search_models(*, tracking_uri: str, parent_run_id: str, members: Sequenc
     best = next((m for m in members if m["role"] == "best" and str(m["trial_id"]) in uris),
                 None)
     if register and best is not None:
-        uris["registered"] = f"models:/{register}/" + register_model(tracking_uri=tracking_uri, model_uri=uris[str(best["trial_id"])],
-                       name=register, tags={"search": search_name,
-                                            "parent_run_id": parent_run_id,
-                                            "tune_trial_id": str(best["trial_id"])})
+        version = register_model(
+            tracking_uri=tracking_uri, model_uri=uris[str(best["trial_id"])], name=register,
+            tags={"search": search_name, "parent_run_id": parent_run_id,
+                  "tune_trial_id": str(best["trial_id"])})
+        uris["registered"] = f"models:/{register}/{version}"
     elif register:
         logger.warning("no best model was logged: nothing registered as %r", register)
     return uris
