@@ -10,6 +10,7 @@ is cut on every machine.
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -151,6 +152,23 @@ def test_mlflow_has_one_parent_and_a_nested_child_per_trial(finished_search) -> 
                 assert run.data.metrics["best_val_accuracy"] == pytest.approx(row.best_value)
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"leaderboard.csv", "best_config.yaml"} <= artifacts
+    # the leaderboard as an MLflow table (one row per trial) and an experiment that MLflow's
+    # UI opens on its training runs
+    table = json.loads(Path(client.download_artifacts(outcome.parent_run_id,
+                                                      "tables/leaderboard.json")).read_text())
+    ids = table["columns"].index("trial_id")
+    assert [row[ids] for row in table["data"]] == [r.trial_id for r in outcome.rows]
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # the dataset is every run's input (the UI's Dataset column), with its split sizes
+    digests = set()
+    for run in [client.get_run(outcome.parent_run_id)] + children:
+        (dataset_input,) = run.inputs.dataset_inputs
+        dataset = dataset_input.dataset
+        assert dataset.name == "synthetic"
+        assert json.loads(dataset.profile)["num_val"] > 0
+        digests.add(dataset.digest)
+    assert len(digests) == 1
 
 
 def test_results_files_rebuild_the_best_model(finished_search) -> None:

@@ -99,6 +99,7 @@ def export_search(plan: SearchPlan, grid: Any, *, parent_run_id: str) -> SearchO
                     plan.name, len(front_files.front), front_files.hypervolume,
                     front_files.reference)
     finish["models"] = _models_to_log(plan, rows, best=best)
+    finish["dataset"] = _dataset(plan)
     if plan.register_model:
         finish["register_model"] = plan.register_model
     finish["search_name"] = plan.name
@@ -177,6 +178,20 @@ def _models_to_log(plan: SearchPlan, rows: list[Any], *, best: Any) -> list[dict
                        "data": dict(plan.data), "trial": plan.trial.to_dict(),
                        "seed": settings.seed, "latency": settings.latency.model_dump()}}
             for r in chosen if r.checkpoint and r.candidate is not None]
+
+
+def _dataset(plan: SearchPlan) -> dict[str, Any] | None:
+    """The dataset record MLflow gets as every run's input (None when it cannot be loaded
+    here: the search is done, the record is a nicety)."""
+    from coatnet.search.data import load_splits
+    from coatnet.search.tracking.summary import dataset_record
+
+    try:  # cached in-process: the test evaluation loaded it already
+        info = load_splits(plan.data, seed=plan.space.search.seed).info
+    except Exception as err:  # noqa: BLE001
+        logger.warning("dataset not described in MLflow: %s: %s", type(err).__name__, err)
+        return None
+    return dataset_record(plan.data, seed=plan.space.search.seed, info=info.to_dict())
 
 
 def _close_study(plan: SearchPlan, *, trial_ids: list[str]) -> None:

@@ -13,6 +13,8 @@ One idea per module, imported in one direction (each only from those above it):
 - ``outbox``: a general durable outbox (journal file, replay, one delivery thread, retries);
 - ``records``: the per-trial records and their state file (``mlflow_runs.json``);
 - ``mlflow_ops``: applying one operation to a child run; the outbox that feeds it;
+- ``summary``: what a finished search adds (test accuracy, the front, the leaderboard table);
+- ``models``: trained models as MLflow models on their trial runs, the registry, reading back;
 - ``runs``: the parent run's life cycle, orphaned children, delivering unsent data later;
 - ``callback``: the thin Tune callback that turns trial events into operations.
 """

@@ -30,7 +30,8 @@ from coatnet.search.tracking.records import TrialRecords
 logger = logging.getLogger(__name__)
 
 __all__ = ["PARENT_TAG", "TRIAL_ID_TAG", "TrialRunWriter", "deliver_or_keep", "is_permanent",
-           "pending_path_for", "read_pending", "tag_list", "tracking_outbox"]
+           "pending_path_for", "read_pending", "search_trial_ids", "tag_list",
+           "tracking_outbox"]
 
 TRIAL_ID_TAG = "tune_trial_id"
 PARENT_TAG = "mlflow.parentRunId"
@@ -97,6 +98,24 @@ def deliver_or_keep(outbox: Outbox, *, timeout_s: float) -> int:
     finally:
         outbox.stop()
     return outbox.pending_count()
+
+
+def search_trial_ids(*, tracking_uri: str, parent_run_id: str) -> dict[str, list[str]]:
+    """tune trial id -> child run ids (oldest first) of a search's parent run."""
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    out: dict[str, list[str]] = {}
+    token: str | None = None
+    while True:
+        page = client.search_runs([experiment_id],
+                                  filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                  max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        for run in page:
+            out.setdefault(run.data.tags.get(TRIAL_ID_TAG, ""), []).append(run.info.run_id)
+        token = page.token
+        if not token:
+            return out
 
 
 class TrialRunWriter:

@@ -27,10 +27,13 @@ from coatnet.search.tracking.mlflow_ops import (
     TrialRunWriter,
     deliver_or_keep,
     read_pending,
+    search_trial_ids,
     tracking_outbox,
 )
 from coatnet.search.tracking.params import chunks, finite_number, flatten_params, now_ms
 from coatnet.search.tracking.records import TrialRecords, atomic_write_json, read_json
+from coatnet.search.tracking.summary import (log_dataset, log_front, log_leaderboard_table,
+                                             log_test_accuracy)
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,9 @@ __all__ = ["PARENT_PENDING_FILE", "SPACE_SHA_TAG", "STATE_FILE_NAME", "close_orp
            "settle_child_runs", "start_parent_run", "sync_experiment"]
 
 SPACE_SHA_TAG = "space_sha256"
+# MLflow 3's UI opens an experiment of this kind on its training runs (not the GenAI overview)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 STATE_FILE_NAME = "mlflow_runs.json"  # in the experiment directory (runner.run_search)
 PARENT_PENDING_FILE = "mlflow_parent_pending.json"
 _RETRY_MAX_S = 15.0  # the longest back-off between delivery attempts of the sync command
@@ -83,9 +89,12 @@ def start_parent_run(
 
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        experiment_id = client.create_experiment(experiment_name)
+        experiment_id = client.create_experiment(
+            experiment_name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
     else:
         experiment_id = experiment.experiment_id
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind the user chose stays
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     run = client.create_run(
         experiment_id,
         run_name=run_name,
@@ -127,6 +136,8 @@ def finish_parent_run(
             client.log_artifact(run_id, str(path))
         elif path is not None:
             logger.warning("Result file %s does not exist; not logged to MLflow", path)
+    if leaderboard_csv is not None and Path(leaderboard_csv).exists():
+        log_leaderboard_table(client, run_id, Path(leaderboard_csv))
     if infeasible_reasons:
         client.log_dict(run_id, dict(infeasible_reasons), "infeasible_reasons.json")
     client.set_terminated(run_id, status=status)
@@ -167,24 +178,6 @@ def close_orphaned_runs(
     if closed:
         logger.info("Closed %d orphaned MLflow child run(s) of %s as KILLED", closed, parent_run_id)
     return closed
-
-
-def search_trial_ids(*, tracking_uri: str, parent_run_id: str) -> dict[str, list[str]]:
-    """tune trial id -> child run ids (oldest first) of a search's parent run."""
-    client = MlflowClient(tracking_uri)
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    out: dict[str, list[str]] = {}
-    token: str | None = None
-    while True:
-        page = client.search_runs([experiment_id],
-                                  filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
-                                  max_results=1000, page_token=token,
-                                  order_by=["attributes.start_time ASC"])
-        for run in page:
-            out.setdefault(run.data.tags.get(TRIAL_ID_TAG, ""), []).append(run.info.run_id)
-        token = page.token
-        if not token:
-            return out
 
 
 def delete_unknown_trial_runs(*, tracking_uri: str, parent_run_id: str,
@@ -254,58 +247,6 @@ def settle_child_runs(*, tracking_uri: str, parent_run_id: str,
     return len(settled)
 
 
-def log_test_accuracy(*, tracking_uri: str, parent_run_id: str,
-                      test_accuracy: dict[str, float], best_trial_id: str | None) -> None:
-    """The held-out test figures: ``test_accuracy`` on each evaluated trial's child run, and
-    the winner's as ``best_test_accuracy`` on the parent."""
-    if not test_accuracy:
-        return
-    client = MlflowClient(tracking_uri)
-    now = now_ms()
-    runs = search_trial_ids(tracking_uri=tracking_uri, parent_run_id=parent_run_id)
-    for trial_id, value in test_accuracy.items():
-        for run_id in runs.get(trial_id, []):
-            client.log_batch(run_id, metrics=[Metric("test_accuracy", float(value), now, 0)])
-    if best_trial_id in test_accuracy:
-        client.log_batch(parent_run_id, metrics=[
-            Metric("best_test_accuracy", float(test_accuracy[best_trial_id]), now, 0)])
-
-
-def log_front(*, tracking_uri: str, parent_run_id: str, front: dict[str, Any]) -> None:
-    """The Pareto front of a search with several objectives, on the parent run: ``pareto.csv``,
-    ``pareto.png`` and the members' configs (``pareto/``) as artifacts, the ``hypervolume``
-    metric with its history (step k: after the k-th finished trial), the reference
-    point and objectives as tags; each member's child run is tagged ``pareto_front = true``."""
-    client = MlflowClient(tracking_uri)
-    now = now_ms()
-    history = [(int(k), float(v)) for k, v in front.get("history") or []]
-    # one metric: its history is the front's growth, its latest value the final hypervolume
-    metrics = [Metric("hypervolume", v, now, k) for k, v in history
-               if finite_number(v) is not None]
-    final = finite_number(front.get("hypervolume"))
-    if final is not None and (not history or history[-1][1] != final):
-        metrics.append(Metric("hypervolume", final, now + 1, len(history)))
-    metrics.append(Metric("pareto_front_size", float(len(front.get("members") or [])), now, 0))
-    for batch in chunks(metrics, 1000):
-        client.log_batch(parent_run_id, metrics=batch)
-    # tags, not params: a resumed search's front (and its reference point) may change
-    client.set_tag(parent_run_id, "pareto.reference",
-                   ",".join(f"{v:g}" for v in front.get("reference") or []))
-    client.set_tag(parent_run_id, "pareto.objectives", ",".join(front.get("objectives") or []))
-    for key in ("pareto_csv", "plot"):
-        path = front.get(key)
-        if path and Path(path).exists():
-            client.log_artifact(parent_run_id, str(path))
-    for path in front.get("configs") or []:
-        if Path(path).exists():
-            client.log_artifact(parent_run_id, str(path), artifact_path="pareto")
-    members = set(front.get("members") or [])
-    for trial_id, run_ids in search_trial_ids(tracking_uri=tracking_uri,
-                                              parent_run_id=parent_run_id).items():
-        for run_id in run_ids:
-            client.set_tag(run_id, "pareto_front", str(trial_id in members).lower())
-
-
 # --------------------------------------------------------------------------- unsent data
 
 
@@ -364,6 +305,11 @@ def finish_search_run(*, experiment_dir: Path | str, tracking_uri: str, parent_r
                 members=finish["models"], register=finish.get("register_model"),
                 runs=search_trial_ids(tracking_uri=tracking_uri, parent_run_id=parent_run_id),
                 search_name=str(finish.get("search_name", "")))
+        if finish.get("dataset"):
+            runs = search_trial_ids(tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+            log_dataset(MlflowClient(tracking_uri),
+                        [parent_run_id] + [r for ids in runs.values() for r in ids],
+                        finish["dataset"])
         if finish.get("front"):
             log_front(tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                       front=finish["front"])
