@@ -285,3 +285,19 @@ def test_bad_count_overrides_name_the_flag(tmp_path, flag: str, field: str) -> N
         plan_search(SearchOptions(space=space, storage_path=str(tmp_path / "runs"),
                                   **{field: 0}))
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"log_models": "all"}, "--log-models='all': must be one of front, best, none"),
+    ({"register_model": "a/b"}, "--register-model='a/b': use letters"),
+    ({"register_model": "best", "log_models": "none"}, "--register-model needs a logged model"),
+])
+def test_bad_model_options_are_refused_before_anything_starts(tmp_path, options: dict,
+                                                              message: str) -> None:
+    from coatnet.search.runner import SearchInputError, plan_search
+
+    space = write_space(tmp_path, num_samples=2)
+    with pytest.raises(SearchInputError) as err:
+        plan_search(SearchOptions(space=space, storage_path=str(tmp_path / "runs"), **options))
+    assert message in str(err.value)
+    assert not (tmp_path / "runs").exists()
