@@ -60,8 +60,8 @@ class FinetuneOutcome:
     before: tuple[SizeResult, ...]  # the source model at its size and at the new one
     after: tuple[SizeResult, ...]  # the fine-tuned model at the new size
     history: tuple[dict[str, Any], ...]  # every epoch's metrics
-    run_id: str | None
-    model_uri: str | None
+    run_id: str  # the fine-tune's MLflow run
+    model_uri: str
     tracking_uri: str
     scratch: bool = False  # the baseline run (--from-scratch), not a fine-tune
 
@@ -104,16 +104,15 @@ def run_finetune(options: FinetuneOptions) -> FinetuneOutcome:
         outcome = _finetune(source, options=options, data=data, output=output,
                             tracking_uri=tracking_uri, run_id=run_id)
     except BaseException:
-        if run_id:
-            from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient
 
-            MlflowClient(tracking_uri).set_terminated(run_id, status="FAILED")
+        MlflowClient(tracking_uri).set_terminated(run_id, status="FAILED")
         raise
     return outcome
 
 
 def _finetune(source: TrialSource, *, options: FinetuneOptions, data: dict[str, Any],
-              output: Path, tracking_uri: str, run_id: str | None) -> FinetuneOutcome:
+              output: Path, tracking_uri: str, run_id: str) -> FinetuneOutcome:
     from coatnet.search.checkpoints import load_state, save_state
     from coatnet.search.transfer import at_image_size, evaluate_at_sizes, format_sizes
 
@@ -136,11 +135,9 @@ def _finetune(source: TrialSource, *, options: FinetuneOptions, data: dict[str, 
     after = evaluate_at_sizes(tuned, data=data, seed=seed, sizes=[size])
     logger.info("after fine-tuning:\n%s", format_sizes(after))
     history = tuple(state.get("history") or ())
-    model_uri = None
-    if run_id:
-        model_uri = _log_result(tracking_uri=tracking_uri, run_id=run_id, trial=trial,
-                                state=state, before=before, after=after, history=history,
-                                checkpoint=checkpoint)
+    model_uri = _log_result(tracking_uri=tracking_uri, run_id=run_id, trial=trial,
+                            state=state, before=before, after=after, history=history,
+                            checkpoint=checkpoint)
     return FinetuneOutcome(source=source, image_size=size, output_dir=output,
                            checkpoint=checkpoint, before=tuple(before), after=tuple(after),
                            history=history, run_id=run_id, model_uri=model_uri,
@@ -216,7 +213,7 @@ def _train(trial: dict[str, Any], *, init_from: Path | None, output: Path) -> Pa
 
 
 def _start_run(source: TrialSource, *, tracking_uri: str, name: str,
-               options: FinetuneOptions) -> str | None:
+               options: FinetuneOptions) -> str:
     """The fine-tune's MLflow run: a child of the search's parent run when known."""
     from mlflow.tracking import MlflowClient
 
@@ -294,11 +291,9 @@ def describe(outcome: FinetuneOutcome) -> str:
                           f"(trained at {outcome.source.image_size} px), before:"), "",
              format_sizes(outcome.after, title=f"{how} at {outcome.image_size} px for "
                           f"{len(outcome.history)} epoch(s), after:"), "",
-             f"checkpoint:  {outcome.checkpoint}"]
-    if outcome.run_id:
-        lines.append(f"MLflow:      {outcome.tracking_uri} (run {outcome.run_id}, "
-                     f"stage={'scratch' if outcome.scratch else 'finetune'})")
-    if outcome.model_uri:
-        lines.append(f"model:       {outcome.model_uri}")
+             f"checkpoint:  {outcome.checkpoint}",
+             f"MLflow:      {outcome.tracking_uri} (run {outcome.run_id}, "
+             f"stage={'scratch' if outcome.scratch else 'finetune'})",
+             f"model:       {outcome.model_uri}"]
     return "\n".join(lines)
 
