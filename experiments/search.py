@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -68,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="register the best model in MLflow's Model Registry as a new "
                              "version of NAME")
     parser.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's worker output here (default: <experiment>/"
+                             "ray_workers.log) and MLflow's progress bars")
     return parser.parse_args(argv)
 
 
@@ -97,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         mlflow_uri=args.mlflow_uri, experiment_name=args.experiment_name,
         data_dir=args.data_dir, smoke_test=args.smoke_test, address=args.address,
         use_gpu=args.use_gpu, pick=args.pick, log_models=args.log_models,
-        register_model=args.register_model)
+        register_model=args.register_model, verbose=args.verbose)
+    if not args.verbose:  # MLflow's artifact progress bars would follow the summary
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from coatnet.search.runner import run_search
 
     try:
@@ -146,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
               + (f" (registered as {outcome.registered_model_uri})"
                  if outcome.registered_model_uri else "")
               + "; load with mlflow.pytorch.load_model")
+    if outcome.figures:
+        print(f"figures:          {outcome.figures[0].parent} ({len(outcome.figures)} PNGs, "
+              "also under figures/ on the parent run)")
     print(f"MLflow:           {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
-    if outcome.tracking_uri.startswith("sqlite:"):
-        print(f"compare trials:   mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    _print_views(outcome)
     if outcome.best_value is None:
         return EXIT_NO_RESULT
     if outcome.mlflow_pending:
@@ -157,6 +165,27 @@ def main(argv: list[str] | None = None) -> int:
               f"    python experiments/sync_mlflow.py {outcome.experiment_dir}", file=sys.stderr)
         return EXIT_TRACKING_UNDELIVERED
     return EXIT_OK
+
+
+def _print_views(outcome) -> None:
+    """Where to look at the sweep: optuna-dashboard on the study, MLflow's trials view."""
+    from coatnet.search.searcher import STUDY_FILE, storage_url
+    from coatnet.search.tracking.views import view_url
+
+    if (outcome.experiment_dir / STUDY_FILE).exists():
+        print(f"optuna study:     optuna-dashboard {storage_url(outcome.experiment_dir)}")
+    try:
+        from mlflow.tracking import MlflowClient
+
+        experiment_id = MlflowClient(outcome.tracking_uri).get_run(
+            outcome.parent_run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - the server went away after the search: no link
+        return
+    if outcome.tracking_uri.startswith(("http://", "https://")):
+        print(f"trials view:      {view_url(outcome.tracking_uri, experiment_id)}")
+    else:
+        print(f"trials view:      run `mlflow ui --backend-store-uri {outcome.tracking_uri}` "
+              f"and open {view_url('http://127.0.0.1:5000', experiment_id)}")
 
 
 _INTERRUPTED = ("interrupted while starting; nothing was lost. Continue with the same command "

@@ -167,3 +167,20 @@ def ray_local() -> Iterator[None]:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = old_path
+
+
+@pytest.fixture(scope="session")
+def pareto_search(tmp_path_factory, mlflow_server, ray_local):
+    """A small accuracy-versus-MACs search (``test_pareto_search.SPACE``) logged to the session's
+    MLflow server; its outcome and the server's URI (the browser tests look at it too)."""
+    from test_pareto_search import SPACE
+
+    from coatnet.search.runner import SearchOptions, run_search
+
+    directory = tmp_path_factory.mktemp("pareto")
+    space = directory / "pareto.yaml"
+    space.write_text(SPACE)
+    outcome = run_search(SearchOptions(space=space, storage_path=str(directory / "runs"),
+                                       mlflow_uri=mlflow_server, name="front",
+                                       experiment_name="e2e-pareto"))
+    return outcome, mlflow_server

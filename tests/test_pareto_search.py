@@ -2,12 +2,15 @@
 ``ParetoASHA`` + TorchTrainer, a real MLflow server; the front is checked independently.
 
 Trials run one at a time, as in ``test_search_e2e.py``, so the seeded sampler fixes their order.
+The search itself is the session fixture ``pareto_search`` (``conftest.py``), which the browser
+tests look at too.
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -17,8 +20,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from coatnet import CoAtNetConfig
-from coatnet.search.runner import SearchOptions, run_search
+from coatnet.search.figures import FIGURE_FILES
 from coatnet.search.searcher import INTERMEDIATE_ATTR_PREFIX, search_trials, storage_url
+from coatnet.search.tracking.views import (EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND,
+                                           PRIMARY_METRIC_TAG, VIEW_KEY, VIEW_TAG_PREFIX)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -68,17 +73,6 @@ train:
 def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
     """(accuracy, macs): ``a`` at least as accurate and as cheap, better in one."""
     return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
-
-
-@pytest.fixture(scope="module")
-def pareto_search(tmp_path_factory, mlflow_server, ray_local):
-    directory = tmp_path_factory.mktemp("pareto")
-    space = directory / "pareto.yaml"
-    space.write_text(SPACE)
-    outcome = run_search(SearchOptions(space=space, storage_path=str(directory / "runs"),
-                                       mlflow_uri=mlflow_server, name="front",
-                                       experiment_name="e2e-pareto"))
-    return outcome, mlflow_server
 
 
 def test_the_front_is_the_non_dominated_set_of_completed_trials(pareto_search) -> None:
@@ -193,3 +187,32 @@ def _children(client: MlflowClient, parent_run_id: str) -> list:
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     return client.search_runs([experiment_id],
                               filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def test_the_parent_run_holds_the_figures_read_back_over_http(pareto_search) -> None:
+    outcome, uri = pareto_search
+    client = MlflowClient(uri)
+    names = {a.path for a in client.list_artifacts(outcome.parent_run_id, "figures")}
+    expected = {f"figures/{name}" for name in FIGURE_FILES.values()}
+    assert expected <= names, names
+    local = client.download_artifacts(outcome.parent_run_id, "figures/parallel_coordinates.png")
+    assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {p.name for p in outcome.figures} == set(FIGURE_FILES.values())
+
+
+def test_the_experiment_opens_in_the_trials_view(pareto_search) -> None:
+    outcome, uri = pareto_search
+    client = MlflowClient(uri)
+    experiment = client.get_experiment(client.get_run(outcome.parent_run_id).info.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+    assert experiment.tags[PRIMARY_METRIC_TAG] == "best_val_accuracy"
+    envelope = json.loads(experiment.tags[VIEW_TAG_PREFIX + VIEW_KEY])
+    state = json.loads(envelope["state"])
+    assert state["orderByKey"] == "metrics.`best_val_accuracy`" and not state["orderByAsc"]
+    sampled = ["model.layout", "model.channels.s1", "model.channels.s3", "train.lr"]
+    assert [c for c in state["selectedColumns"] if c.startswith("params.")] == \
+        [f"params.`{name}`" for name in sampled]
+    parallel = [c for c in state["compareRunCharts"] if c["type"] == "PARALLEL"]
+    assert parallel and parallel[0]["selectedParams"] == sampled
+    for run in _children(client, outcome.parent_run_id):  # what the columns read
+        assert set(sampled) <= set(run.data.params), run.data.params

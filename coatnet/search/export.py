@@ -4,7 +4,7 @@ Once every trial has ended, ``export_search`` turns Tune's results into the lead
 the model ``best_config.yaml`` describes (with several objectives: the most accurate member of
 the Pareto front, or the one ``--pick`` asks for), evaluates the chosen trials on the held-out
 test split, writes the front's files (``coatnet.search.front``), closes the Optuna study's
-orphans and settles MLflow (child runs to their final status, the parent's summary and files).
+orphans, draws the sweep's figures from it (``coatnet.search.figures``) and settles MLflow (child runs to their final status, the parent's summary and files).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class SearchOutcome:
     objectives: tuple[Any, ...] = ()
     best_model_uri: str | None = None  # the best trial's logged MLflow model
     registered_model_uri: str | None = None  # models:/NAME/VERSION with --register-model
+    figures: tuple[Path, ...] = ()  # the sweep's pictures (also under figures/ on the parent)
 
 
 def export_search(plan: SearchPlan, grid: Any, *, parent_run_id: str) -> SearchOutcome:
@@ -104,6 +105,7 @@ def export_search(plan: SearchPlan, grid: Any, *, parent_run_id: str) -> SearchO
         finish["register_model"] = plan.register_model
     finish["search_name"] = plan.name
     _close_study(plan, trial_ids=[r.trial_id for r in rows])
+    finish["figures"] = _figures(plan)
     # every trial has ended: MLflow's child runs are settled to the leaderboard's statuses
     finish_search_run(experiment_dir=plan.experiment_dir, tracking_uri=plan.tracking_uri,
                       parent_run_id=parent_run_id, trial_ids=[r.trial_id for r in rows],
@@ -130,7 +132,8 @@ def export_search(plan: SearchPlan, grid: Any, *, parent_run_id: str) -> SearchO
                          objectives=tuple(objectives),
                          best_model_uri=None if best is None
                          else finish.get("model_uris", {}).get(best.trial_id),
-                         registered_model_uri=finish.get("model_uris", {}).get("registered"))
+                         registered_model_uri=finish.get("model_uris", {}).get("registered"),
+                         figures=tuple(Path(p) for p in finish["figures"]))
 
 
 def _pick(plan: SearchPlan, rows: list[Any]) -> Any:
@@ -201,3 +204,29 @@ def _close_study(plan: SearchPlan, *, trial_ids: list[str]) -> None:
     if (plan.experiment_dir / STUDY_FILE).exists():  # searches from before the stored study
         close_orphans(storage=storage_url(plan.experiment_dir), study_name=plan.name,
                       trial_ids=trial_ids)
+
+
+FIGURES_DIR = "figures"  # in the experiment directory, and on the parent run
+
+
+def _figures(plan: SearchPlan) -> list[str]:
+    """The sweep's pictures, drawn anew from the stored study at every finish (a resumed
+    search's too); none when there is no study or it cannot be read (never raises)."""
+    from coatnet.search.searcher import STUDY_FILE, storage_url
+
+    if not (plan.experiment_dir / STUDY_FILE).exists():
+        return []
+    try:
+        import optuna
+
+        from coatnet.search.figures import write_figures
+
+        study = optuna.load_study(study_name=plan.name, storage=storage_url(plan.experiment_dir))
+        drawn = write_figures(study, plan.experiment_dir / FIGURES_DIR,
+                              metric=plan.space.search.metric, mode=plan.space.search.mode)
+    except Exception as err:  # noqa: BLE001 - pictures are a nicety; the results are written
+        logger.warning("figures not drawn: %s: %s", type(err).__name__, err)
+        return []
+    for reason in drawn.skipped:
+        logger.info("figure skipped: %s", reason)
+    return [str(p) for p in drawn.paths]

@@ -55,6 +55,7 @@ class SearchOptions:
     pick: str | None = None  # e.g. "macs<=1e6": which front member best_config.yaml is
     log_models: str = "front"  # MLflow models logged at the end: front | best | none
     register_model: str | None = None  # register the best model under this name
+    verbose: bool = False  # Ray's worker output on the terminal (else ray_workers.log)
 
 
 @dataclass(frozen=True)

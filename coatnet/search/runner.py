@@ -31,6 +31,7 @@ from coatnet.search.interrupts import InterruptWatch
 from coatnet.search.lock import DriverLock
 from coatnet.search.plan import STATE_FILE, SearchOptions, SearchPlan, plan_search, write_state
 from coatnet.search.restore import TrialLogKeeper, saved_experiment, set_aside_torn_sessions
+from coatnet.search.worker_logs import WORKER_LOG, route_worker_output
 
 logger = logging.getLogger("coatnet.search")
 
@@ -56,6 +57,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
         if plan.experiment_dir.is_dir():  # an existing search: refuse a second driver at once,
             lock.acquire()                # before Ray starts (a new one creates nothing yet)
         _init_ray(options.address)
+        route_worker_output(None if options.verbose else plan.experiment_dir / WORKER_LOG)
         cluster.check_storage(raw=options.storage_path, local_root=plan.storage_path,
                               alive_nodes=cluster.alive_node_count())
         if not lock.held:
@@ -81,7 +83,9 @@ def _run_locked(plan: SearchPlan, options: SearchOptions) -> SearchOutcome:
     parent_run_id = start_parent_run(
         tracking_uri=plan.tracking_uri, experiment_name=plan.experiment_name,
         run_name=plan.name, search_settings=search_settings, space_text=space.text,
-        space_sha256=space.sha256, resume_run_id=plan.state.get("parent_run_id"))
+        space_sha256=space.sha256, resume_run_id=plan.state.get("parent_run_id"),
+        metric=settings.metric, mode=settings.mode, view_params=space.sampled_names(),
+        cost=next((o.metric for o in objectives_of(settings)[1:]), "macs"))
     write_state(plan, parent_run_id)
     mlflow_state = plan.experiment_dir / STATE_FILE_NAME
     interrupted = InterruptWatch()

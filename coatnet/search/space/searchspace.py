@@ -83,6 +83,24 @@ class SearchSpace:
             raise ValueError(f"params lack {err.args[0]!r}, which this space samples") from None
         return candidate
 
+    def sampled_names(self, *, draws: int = 4) -> list[str]:
+        """The flat names this space samples (``model.layout``, ``train.lr``, ...), in
+        sampling order, from a few random draws on a throwaway in-memory study."""
+        import optuna
+
+        verbosity = optuna.logging.get_verbosity()  # no "new study created" line on screen
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+        names: list[str] = []
+        for _ in range(draws):
+            trial = study.ask()
+            self._sample(trial)
+            names += [name for name in trial.params if name not in names]
+        return names
+
     def _sample(self, trial: Any) -> tuple[Candidate, list[float]]:
         return _sample_candidate(trial, model=self.model, train=self.train,
                                  constraints=self.constraints,

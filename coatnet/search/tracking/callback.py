@@ -27,7 +27,8 @@ from coatnet.search.tracking.mlflow_ops import (
     tracking_outbox,
 )
 from coatnet.search.tracking.outbox import Operation
-from coatnet.search.tracking.params import candidate_params, finite_number, now_ms
+from coatnet.search.tracking.params import (candidate_params, finite_number, now_ms,
+                                            sampled_params)
 from coatnet.search.tracking.records import TrialRecords
 
 logger = logging.getLogger(__name__)
@@ -288,7 +289,7 @@ class MLflowTrackingCallback(Callback):
                 "op": "open",
                 "trial_id": trial_id,
                 "run_name": str(trial),
-                "params": candidate_params(config),
+                "params": {**candidate_params(config), **sampled_params(config)},
                 "tags": {k: str(v) for k, v in tags.items() if v is not None},
                 "metrics": metrics,
                 "timestamp": now_ms(),

@@ -15,8 +15,10 @@ from typing import Any
 
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-__all__ = ["MAX_PARAM_VAL_LENGTH", "candidate_params", "chunks", "finite_number",
-           "flatten_params", "now_ms"]
+__all__ = ["MAX_PARAM_VAL_LENGTH", "SAMPLED_PREFIXES", "candidate_params", "chunks",
+           "finite_number", "flatten_params", "now_ms", "sampled_params"]
+
+SAMPLED_PREFIXES = ("model.", "train.")  # the space's sampled keys, flat in a Tune config
 
 _SECRET_MARKERS = ("token", "password", "secret")
 
@@ -64,6 +66,14 @@ def candidate_params(config: Mapping[str, Any]) -> dict[str, str]:
         elif value is None and section == "model":
             params["candidate.model"] = "None"
     return params
+
+
+def sampled_params(config: Mapping[str, Any]) -> dict[str, str]:
+    """The values the searcher sampled (``model.layout``, ``train.lr``, ...) as MLflow params:
+    the trial config's flat space keys, which the saved view's columns and parallel
+    coordinates read."""
+    return {key: _param_value(value) for key, value in sorted(config.items())
+            if isinstance(key, str) and key.startswith(SAMPLED_PREFIXES)}
 
 
 def finite_number(value: Any) -> float | None:

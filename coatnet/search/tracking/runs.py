@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,10 @@ from coatnet.search.tracking.mlflow_ops import (
 )
 from coatnet.search.tracking.params import chunks, finite_number, flatten_params, now_ms
 from coatnet.search.tracking.records import TrialRecords, atomic_write_json, read_json
-from coatnet.search.tracking.summary import (log_dataset, log_front, log_leaderboard_table,
-                                             log_test_accuracy)
+from coatnet.search.tracking.summary import (log_dataset, log_figures, log_front,
+                                             log_leaderboard_table, log_test_accuracy)
+from coatnet.search.tracking.views import (EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND,
+                                           set_experiment_views)
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +45,6 @@ __all__ = ["PARENT_PENDING_FILE", "SPACE_SHA_TAG", "STATE_FILE_NAME", "close_orp
            "settle_child_runs", "start_parent_run", "sync_experiment"]
 
 SPACE_SHA_TAG = "space_sha256"
-# MLflow 3's UI opens an experiment of this kind on its training runs (not the GenAI overview)
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-MODEL_TRAINING_KIND = "custom_model_development"
 STATE_FILE_NAME = "mlflow_runs.json"  # in the experiment directory (runner.run_search)
 PARENT_PENDING_FILE = "mlflow_parent_pending.json"
 _RETRY_MAX_S = 15.0  # the longest back-off between delivery attempts of the sync command
@@ -63,11 +62,17 @@ def start_parent_run(
     space_text: str,
     space_sha256: str,
     resume_run_id: str | None,
+    metric: str = "val_accuracy",
+    mode: str = "max",
+    view_params: Sequence[str] = (),
+    cost: str | None = None,
 ) -> str:
     """Create (or, on resume, reopen) the parent run of a search and return its id.
 
     Settings become params, the space file an artifact and its sha256 a tag, so any run in the
-    UI can be traced back to the exact space that produced it.
+    UI can be traced back to the exact space that produced it. The experiment gets its views
+    (``tracking.views``): opened on the training runs, in a trials view sorted by ``metric``
+    with ``view_params`` as columns and parallel coordinates and ``cost`` against the metric.
     """
     client = MlflowClient(tracking_uri)
     if resume_run_id:
@@ -91,10 +96,11 @@ def start_parent_run(
     if experiment is None:
         experiment_id = client.create_experiment(
             experiment_name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+        existing: dict[str, str] = {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
     else:
-        experiment_id = experiment.experiment_id
-        if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind the user chose stays
-            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        experiment_id, existing = experiment.experiment_id, dict(experiment.tags)
+    set_experiment_views(client, experiment_id, metric=metric, mode=mode, params=view_params,
+                         cost=cost, tags=existing)
     run = client.create_run(
         experiment_id,
         run_name=run_name,
@@ -313,6 +319,8 @@ def finish_search_run(*, experiment_dir: Path | str, tracking_uri: str, parent_r
         if finish.get("front"):
             log_front(tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                       front=finish["front"])
+        if finish.get("figures"):
+            log_figures(MlflowClient(tracking_uri), parent_run_id, finish["figures"])
         finish_parent_run(
             tracking_uri=tracking_uri, run_id=parent_run_id,
             status_counts=finish["status_counts"], best_value=finish["best_value"],

@@ -1,5 +1,6 @@
 """What a finished search adds to MLflow besides statuses: the held-out test figures, the
-Pareto front, the leaderboard as an MLflow table and the dataset as every run's input."""
+Pareto front, the pictures of the sweep, the leaderboard as an MLflow table and the dataset as
+every run's input."""
 
 from __future__ import annotations
 
@@ -17,10 +18,19 @@ from mlflow.tracking import MlflowClient
 from coatnet.search.tracking.mlflow_ops import search_trial_ids
 from coatnet.search.tracking.params import chunks, finite_number, now_ms
 
-__all__ = ["LEADERBOARD_TABLE", "dataset_record", "log_dataset", "log_front",
-           "log_leaderboard_table", "log_test_accuracy"]
+__all__ = ["FIGURES_ARTIFACT_DIR", "LEADERBOARD_TABLE", "dataset_record", "log_dataset",
+           "log_figures", "log_front", "log_leaderboard_table", "log_test_accuracy"]
 
 LEADERBOARD_TABLE = "tables/leaderboard.json"
+FIGURES_ARTIFACT_DIR = "figures"
+
+
+def log_figures(client: MlflowClient, run_id: str, paths: Iterable[str]) -> None:
+    """The search's figures (``coatnet.search.figures``) under ``figures/`` on the parent run;
+    a later finish (a resume) logs the redrawn files over the old ones."""
+    for path in paths:
+        if Path(path).exists():
+            client.log_artifact(run_id, str(path), artifact_path=FIGURES_ARTIFACT_DIR)
 
 
 def log_test_accuracy(*, tracking_uri: str, parent_run_id: str,
