@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         data_dir=args.data_dir, smoke_test=args.smoke_test, address=args.address,
         use_gpu=args.use_gpu, pick=args.pick, log_models=args.log_models,
         register_model=args.register_model, verbose=args.verbose)
-    if not args.verbose:  # MLflow's artifact progress bars would follow the summary
+    if not args.verbose:  # MLflow's progress bars and per-run links would bury the summary
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from coatnet.search.runner import run_search
 
     try:

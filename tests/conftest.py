@@ -6,6 +6,7 @@ uvicorn worker and job runner it spawns, even when a test fails half-way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -167,6 +168,41 @@ def ray_local() -> Iterator[None]:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = old_path
+
+
+@contextlib.contextmanager
+def optuna_dashboard(storage: str, log_path: Path) -> Iterator[str]:
+    """A real ``optuna-dashboard`` on ``storage`` at 127.0.0.1, in its own process group; its
+    base URL once ``/api/studies`` answers. Killed on exit, also when the test fails."""
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("optuna-dashboard")), storage,
+               "--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            try:
+                if requests.get(f"{base}/api/studies", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"optuna-dashboard did not start: {log_path.read_text()}")
+            time.sleep(0.25)
+        yield base
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=5)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +21,7 @@ from urllib.parse import quote
 
 import pytest
 import requests
-from conftest import free_port
+from conftest import optuna_dashboard
 from mlflow.tracking import MlflowClient
 
 from coatnet.search.searcher import storage_url
@@ -227,36 +224,22 @@ def test_the_parent_artifacts_page_shows_the_picture(browser, pareto_search, art
 
 
 @pytest.fixture(scope="module")
-def optuna_dashboard(pareto_search, tmp_path_factory) -> Iterator[str]:
+def dashboard(pareto_search, tmp_path_factory) -> Iterator[str]:
     outcome, _ = pareto_search
-    port = free_port()
-    log = (tmp_path_factory.mktemp("dashboard") / "dashboard.log").open("wb")
-    command = [str(Path(sys.executable).with_name("optuna-dashboard")),
-               storage_url(outcome.experiment_dir), "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _until(lambda: requests.get(f"{base}/api/studies", timeout=2).ok, "optuna-dashboard")
+    log = tmp_path_factory.mktemp("dashboard") / "dashboard.log"
+    with optuna_dashboard(storage_url(outcome.experiment_dir), log) as base:
         yield base
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
-def test_optuna_dashboard_lists_the_study_trials(browser, pareto_search, optuna_dashboard):
+def test_optuna_dashboard_lists_the_study_trials(browser, pareto_search, dashboard):
     import optuna
 
     outcome, _ = pareto_search
-    studies = requests.get(f"{optuna_dashboard}/api/studies",
+    studies = requests.get(f"{dashboard}/api/studies",
                            timeout=10).json()["study_summaries"]
     study = next(s for s in studies if s["study_name"] == "front")
     stored = optuna.load_study(study_name="front", storage=storage_url(outcome.experiment_dir))
-    _open(browser, f"{optuna_dashboard}/dashboard/studies/{study['study_id']}/trials")
+    _open(browser, f"{dashboard}/dashboard/studies/{study['study_id']}/trials")
     _until(lambda: "Trial 0" in _text(browser), "the trial list")
     text = _text(browser)
     for trial in stored.trials:

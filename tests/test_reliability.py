@@ -26,10 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import torch
+from conftest import optuna_dashboard
 from mlflow.tracking import MlflowClient
 
 from coatnet.search.faults import FAULTS_ENV
+from coatnet.search.figures import FIGURE_FILES
+from coatnet.search.worker_logs import WORKER_LOG
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCH = REPO / "experiments" / "search.py"
@@ -313,8 +317,16 @@ def test_sigkill_driver_then_resume(drivers, tmp_path: Path, mlflow_server: str)
     lock = json.loads((experiment / "driver.lock").read_text())
     assert lock["pid"] == first.proc.pid  # the dead driver's lock is still on disk
 
-    second = drivers([*args, "--resume"], name="second", faults=slow)
-    assert second.wait(240) == 0, second.log()[-4000:]
+    storage = f"sqlite:///{experiment / 'optuna.db'}"
+    with optuna_dashboard(storage, tmp_path / "dashboard.log") as dashboard:
+        at_kill = _dashboard_complete(dashboard)
+        second = drivers([*args, "--resume"], name="second", faults=slow)
+        # optuna-dashboard follows the stored study while the resumed search writes it
+        seen = wait_for(lambda: second.proc.poll() is None and
+                        _dashboard_complete(dashboard) > at_kill, timeout_s=240,
+                        driver=second, what="optuna-dashboard showing a newly completed trial")
+        assert seen
+        assert second.wait(240) == 0, second.log()[-4000:]
     rows = leaderboard(experiment)
     trial_ids = [r["trial_id"] for r in rows]
     assert len(trial_ids) == n and len(set(trial_ids)) == n
@@ -331,8 +343,26 @@ def test_sigkill_driver_then_resume(drivers, tmp_path: Path, mlflow_server: str)
     assert_mlflow_consistent(mlflow_server, state["parent_run_id"],
                              trials={t: epochs for t in trial_ids})
     assert_front_kept(experiment, mlflow_server, state["parent_run_id"], rows)
+    # the resumed finish redrew the pictures and logged them on the parent run again
+    figures = {a.path for a in client.list_artifacts(state["parent_run_id"], "figures")}
+    assert {f"figures/{name}" for name in FIGURE_FILES.values()} <= figures, figures
+    # Ray's worker chatter went to the experiment's log file; the summary is printed last
+    out = second.log()
+    assert "(pid=" not in out and "pid=" in (experiment / WORKER_LOG).read_text()
+    assert "View run" not in out  # nor MLflow's per-run links
+    assert out.rstrip().splitlines()[-1].startswith("trials view:"), out[-2000:]
     logger.info("SIGKILL after %d finished run(s) (%d saved by Tune): resumed fine", len(done),
                 len(saved_done))
+
+
+def _dashboard_complete(base: str) -> int:
+    """How many trials optuna-dashboard shows as complete (0 before the study exists)."""
+    studies = requests.get(f"{base}/api/studies", timeout=10).json()["study_summaries"]
+    if not studies:
+        return 0
+    trials = requests.get(f"{base}/api/studies/{studies[0]['study_id']}?after=0",
+                          timeout=10).json()["trials"]
+    return sum(t["state"] == "Complete" for t in trials)
 
 
 def test_sigkill_before_tunes_first_save_then_resume(drivers, tmp_path: Path,
