@@ -6,7 +6,8 @@ import json
 import pickle
 from pathlib import Path
 
-from coatnet.search.restore import TORN_DIR, sessions, set_aside_torn_sessions
+from coatnet.search.restore import (TORN_DIR, StagedStateGuard, sessions,
+                                    set_aside_torn_sessions)
 
 
 def save_session(directory: Path, session: str) -> None:
@@ -68,3 +69,22 @@ def test_a_failed_trials_logs_reach_storage_before_its_restart(tmp_path: Path) -
     TrialLogKeeper().on_trial_recover(iteration=3, trials=[trial], trial=trial)
     assert (storage / "result.json").read_text().count("epochs_done") == 2
     assert (storage / "progress.csv").read_text() == "epochs_done\n1\n2\n"
+
+
+def test_tunes_staged_copies_of_the_search_state_are_dropped(ray_local) -> None:
+    """Tune copies the experiment's .json files into its staging directory on restore and
+    uploads them back with every save: the search's own files must not be among them."""
+    import ray
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    staging = session / "artifacts" / "2026-01-01_00-00-00" / "guarded" / "driver_artifacts"
+    staging.mkdir(parents=True)
+    for name in ("mlflow_runs.json", "search_state.json", "experiment_state-x.json"):
+        (staging / name).write_text("{}")
+    other = session / "artifacts" / "2026-01-01_00-00-00" / "other" / "driver_artifacts"
+    other.mkdir(parents=True)
+    (other / "mlflow_runs.json").write_text("{}")
+    StagedStateGuard(experiment_dir_name="guarded",
+                     names=("mlflow_runs.json", "search_state.json")).setup()
+    assert sorted(p.name for p in staging.iterdir()) == ["experiment_state-x.json"]  # Tune's
+    assert (other / "mlflow_runs.json").exists()  # another experiment's is left alone

@@ -4,7 +4,8 @@ Once every trial has ended, ``export_search`` turns Tune's results into the lead
 the model ``best_config.yaml`` describes (with several objectives: the most accurate member of
 the Pareto front, or the one ``--pick`` asks for), evaluates the chosen trials on the held-out
 test split, writes the front's files (``coatnet.search.front``), closes the Optuna study's
-orphans, draws the sweep's figures from it (``coatnet.search.figures``) and settles MLflow (child runs to their final status, the parent's summary and files).
+orphans, draws the sweep's figures from it (``coatnet.search.figures``) and settles MLflow
+(child runs to their final status, the parent's summary and files).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """What a restore needs kept whole: Tune state files that a killed driver left torn are set
-aside before ``Tuner.restore``, and a failed trial's result logs reach storage before Tune
-restarts it (``TrialLogKeeper``).
+aside before ``Tuner.restore``, a failed trial's result logs reach storage before Tune
+restarts it (``TrialLogKeeper``), and Tune's restore-time copies of this search's own state
+files never go back over the live ones (``StagedStateGuard``).
 
 Each driver session writes its own ``experiment_state-<session>.json`` (and the searcher's,
 the search generator's and the callbacks' state next to it), rewriting them every few seconds
@@ -126,3 +127,41 @@ class TrialLogKeeper(Callback):
             except Exception as err:  # noqa: BLE001 - a log copy must never stop a search
                 logger.warning("could not copy %s of trial %s to storage before its restart: "
                                "%s", name, trial.trial_id, err)
+
+
+class StagedStateGuard(Callback):
+    """Keeps Tune from copying stale copies of this search's own state files over the live ones.
+
+    On restore Tune copies every ``.json`` and ``.pkl`` of the experiment directory into the
+    driver's staging directory (``TuneController.resume`` -> ``sync_down_experiment_state``) and
+    later copies that directory back to storage with every experiment save. The tracker's
+    ``mlflow_runs.json`` and the plan's ``search_state.json`` live in the experiment directory
+    itself: their copies taken at restore would overwrite the newer files (trials recorded as
+    still running, so the search ends "interrupted"). ``setup`` runs after the restore and
+    before the first save, and deletes those copies from the staging directory.
+    """
+
+    def __init__(self, *, experiment_dir_name: str, names: tuple[str, ...]) -> None:
+        self.experiment_dir_name = experiment_dir_name
+        self.names = names
+
+    def setup(self, **info: Any) -> None:
+        for path in staged_copies(self.experiment_dir_name, self.names):
+            try:
+                path.unlink()
+                logger.debug("dropped Tune's staged copy %s", path)
+            except OSError as err:
+                logger.warning("could not drop Tune's staged copy %s: %s", path, err)
+
+
+def staged_copies(experiment_dir_name: str, names: tuple[str, ...]) -> list[Path]:
+    """This driver's staged copies of ``names`` (under Ray's session directory)."""
+    try:
+        import ray
+
+        session = ray._private.worker._global_node.get_session_dir_path()
+    except Exception:  # noqa: BLE001 - no local Ray node: nothing staged here
+        return []
+    staging = Path(session, "artifacts").glob(f"*/{experiment_dir_name}/driver_artifacts")
+    return [directory / name for directory in staging for name in names
+            if (directory / name).is_file()]

@@ -30,7 +30,8 @@ from coatnet.search.front import objectives_of
 from coatnet.search.interrupts import InterruptWatch
 from coatnet.search.lock import DriverLock
 from coatnet.search.plan import STATE_FILE, SearchOptions, SearchPlan, plan_search, write_state
-from coatnet.search.restore import TrialLogKeeper, saved_experiment, set_aside_torn_sessions
+from coatnet.search.restore import (StagedStateGuard, TrialLogKeeper, saved_experiment,
+                                    set_aside_torn_sessions)
 from coatnet.search.worker_logs import WORKER_LOG, route_worker_output
 
 logger = logging.getLogger("coatnet.search")
@@ -57,9 +58,9 @@ def run_search(options: SearchOptions) -> SearchOutcome:
         if plan.experiment_dir.is_dir():  # an existing search: refuse a second driver at once,
             lock.acquire()                # before Ray starts (a new one creates nothing yet)
         _init_ray(options.address)
-        route_worker_output(None if options.verbose else plan.experiment_dir / WORKER_LOG)
         cluster.check_storage(raw=options.storage_path, local_root=plan.storage_path,
                               alive_nodes=cluster.alive_node_count())
+        route_worker_output(None if options.verbose else plan.experiment_dir / WORKER_LOG)
         if not lock.held:
             lock.acquire()  # a second driver of a new search is refused here
             if not plan.resuming and (plan.experiment_dir / STATE_FILE).exists():
@@ -220,7 +221,8 @@ def _scheduler(plan: SearchPlan) -> Any:
 def _callbacks(plan: SearchPlan, *, parent_run_id: str, mlflow_state: Path) -> list[Any]:
     from coatnet.search.progress import ProgressCallback
     from coatnet.search.pruning import CheckpointPruner
-    from coatnet.search.tracking import MLflowTrackingCallback
+    from coatnet.search.tracking import (PARENT_PENDING_FILE, MLflowTrackingCallback,
+                                         pending_path_for)
 
     settings, epochs = plan.space.search, plan.trial.epochs
     tracker = MLflowTrackingCallback(
@@ -228,7 +230,10 @@ def _callbacks(plan: SearchPlan, *, parent_run_id: str, mlflow_state: Path) -> l
         max_epochs=epochs, metric=settings.metric, mode=settings.mode)
     pruner = CheckpointPruner(keep=plan.trial.keep_checkpoints, metric=settings.metric,
                               mode=settings.mode)
+    own = (STATE_FILE, mlflow_state.name, pending_path_for(mlflow_state).name,
+           PARENT_PENDING_FILE)
     return [tracker, pruner, TrialLogKeeper(),
+            StagedStateGuard(experiment_dir_name=plan.experiment_dir.name, names=own),
             ProgressCallback(metric=settings.metric, mode=settings.mode, max_epochs=epochs)]
 
 

@@ -11,6 +11,7 @@ file (``WORKER_LOG`` in the experiment directory), so the summary is the last th
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,19 +29,39 @@ class _FileSink:
     """Appends Ray's worker-output batches to one file, line-buffered."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
-        self._file: TextIO = path.open("a", encoding="utf-8", buffering=1)
+        self._file: TextIO | None = None  # opened with the first line: a refused run writes none
 
     def __call__(self, data: dict[str, Any]) -> None:
         from ray._private.worker import print_worker_logs
 
         with self._lock:
             try:
-                print_worker_logs(data, self._file)
+                if self._file is None:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    self._file = self.path.open("a", encoding="utf-8", buffering=1)
+                print_worker_logs(data, _Plain(self._file))
             except Exception:  # noqa: BLE001 - a log line must never stop the search
                 pass
+
+
+class _Plain:
+    """A file that drops the terminal colour codes Ray puts around its ``(pid=...)`` prefixes."""
+
+    _CODES = re.compile(r"\x1b\[[0-9;]*m")
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def write(self, text: str) -> int:
+        return self._file.write(self._CODES.sub("", text))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def isatty(self) -> bool:
+        return False
 
 
 def route_worker_output(path: Path | None) -> bool:

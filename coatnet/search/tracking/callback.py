@@ -219,6 +219,8 @@ class MLflowTrackingCallback(Callback):
             logger.warning("Search interrupted with %d trial(s) unfinished; their MLflow runs "
                            "are closed as KILLED until the search is resumed", len(open_ids))
         deliver_or_keep(self._outbox, timeout_s=self.flush_timeout_s)
+        # Tune's last save may have copied an older state file over ours: write it again
+        self._records.save()
 
     # ---- public queries
 
