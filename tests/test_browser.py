@@ -25,7 +25,7 @@ from conftest import optuna_dashboard
 from mlflow.tracking import MlflowClient
 
 from coatnet.search.searcher import storage_url
-from coatnet.search.tracking.views import experiment_url, view_url
+from coatnet.search.tracking.views import run_url, view_url
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -209,8 +209,7 @@ def test_the_compare_page_of_the_trials_draws_parallel_coordinates(browser, pare
 def test_the_parent_artifacts_page_shows_the_picture(browser, pareto_search, artifact):
     outcome, uri = pareto_search
     experiment_id, _ = _ids(outcome, uri)
-    _open(browser, f"{experiment_url(uri, experiment_id).split('?')[0]}/"
-                f"{outcome.parent_run_id}/artifacts/{artifact}")
+    _open(browser, run_url(uri, experiment_id, outcome.parent_run_id, artifact=artifact))
     _close_assistant(browser)
 
     def shown() -> bool:
@@ -219,7 +218,9 @@ def test_the_parent_artifacts_page_shows_the_picture(browser, pareto_search, art
                    for img in _css(browser, "img"))
 
     _until(shown, f"the image {artifact}")
-    assert artifact.split("/")[-1] in _text(browser)  # the file tree names it
+    text = _text(browser)
+    assert artifact.split("/")[-1] in text  # the file tree names it
+    assert "Model registry" in text and "Evaluation runs" not in text, text[:400]  # not GenAI
     _shot(browser, "mlflow-artifact-" + Path(artifact).stem.replace("_", "-"))
 
 

@@ -26,8 +26,8 @@ from urllib.parse import quote
 from mlflow.tracking import MlflowClient
 
 __all__ = ["EXPERIMENT_KIND_TAG", "MODEL_TRAINING_KIND", "PRIMARY_METRIC_TAG", "VIEW_KEY",
-           "VIEW_NAME", "VIEW_TAG_PREFIX", "experiment_url", "set_experiment_views", "view_state",
-           "view_url"]
+           "VIEW_NAME", "VIEW_TAG_PREFIX", "experiment_url", "run_url", "set_experiment_views",
+           "view_state", "view_url"]
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
@@ -117,6 +117,13 @@ def set_experiment_views(client: MlflowClient, experiment_id: str, *, metric: st
 def experiment_url(base: str, experiment_id: str) -> str:
     """The experiment's runs page in MLflow's UI at ``base`` (``http://host:port``)."""
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{_TRAINING_WORKFLOW}"
+
+
+def run_url(base: str, experiment_id: str, run_id: str, *, artifact: str | None = None) -> str:
+    """A run's page (or one of its artifacts) in MLflow's UI, in the training-runs sidebar."""
+    page = f"artifacts/{artifact}" if artifact else "overview"
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/{page}"
+            f"?{_TRAINING_WORKFLOW}")
 
 
 def view_url(base: str, experiment_id: str) -> str:
