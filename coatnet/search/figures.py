@@ -40,6 +40,8 @@ from optuna.distributions import (
 from optuna.samplers._base import _CONSTRAINTS_KEY
 from optuna.trial import FrozenTrial, TrialState
 
+from coatnet.search.space.sampling import scratch_study
+
 __all__ = ["FIGURE_FILES", "PlotTrial", "SearchFigures", "best_so_far", "figure_trials",
            "write_figures"]
 
@@ -338,12 +340,7 @@ def _importance(fig: Figure, trials: Sequence[PlotTrial], *, metric: str,
         raise _Skip(f"no parameter varies across the {len(used)} completed trials")
     if len({t.value for t in used}) < 2:
         raise _Skip(f"all {len(used)} completed trials have the same {metric}")
-    verbosity = optuna.logging.get_verbosity()  # no "new study created" line on screen
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
-    finally:
-        optuna.logging.set_verbosity(verbosity)
+    study = scratch_study(direction="maximize" if mode == "max" else "minimize")
     study.add_trials([optuna.trial.create_trial(
         value=t.value, params={n: t.params[n] for n in merged}, distributions=merged)
         for t in used])

@@ -27,7 +27,7 @@ from coatnet.search.space.schema import (
     TrainSpace,
 )
 
-__all__ = ["CONSTRAINT_NAMES", "constraints_func"]
+__all__ = ["CONSTRAINT_NAMES", "constraints_func", "scratch_study"]
 
 logger = logging.getLogger(__name__)
 
@@ -211,3 +211,16 @@ def constraints_func(frozen_trial: Any) -> list[float]:
     if values is None:
         return [0.0] * len(CONSTRAINT_NAMES)
     return [float(v) for v in values]
+
+
+def scratch_study(**kwargs: Any) -> Any:
+    """A throwaway in-memory ``optuna.create_study(**kwargs)``, made without Optuna's "A new
+    study created in memory" line on the screen."""
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.create_study(**kwargs)
+    finally:
+        optuna.logging.set_verbosity(verbosity)

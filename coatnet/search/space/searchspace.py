@@ -20,7 +20,8 @@ from pydantic import ValidationError
 from coatnet.search.contracts import Candidate
 from coatnet.search.space.feasibility import _min_candidates, _min_complexity, _MinCandidate
 from coatnet.search.space.problems import _Problems
-from coatnet.search.space.sampling import CONSTRAINT_NAMES, _ReplayTrial, _sample_candidate
+from coatnet.search.space.sampling import (CONSTRAINT_NAMES, _ReplayTrial, _sample_candidate,
+                                           scratch_study)
 from coatnet.search.space.schema import (
     ConstraintSection,
     DataSection,
@@ -88,12 +89,7 @@ class SearchSpace:
         sampling order, from a few random draws on a throwaway in-memory study."""
         import optuna
 
-        verbosity = optuna.logging.get_verbosity()  # no "new study created" line on screen
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        try:
-            study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-        finally:
-            optuna.logging.set_verbosity(verbosity)
+        study = scratch_study(sampler=optuna.samplers.RandomSampler(seed=0))
         names: list[str] = []
         for _ in range(draws):
             trial = study.ask()
