@@ -350,6 +350,7 @@ def test_sigkill_driver_then_resume(drivers, tmp_path: Path, mlflow_server: str)
     out = second.log()
     assert "(pid=" not in out and "pid=" in (experiment / WORKER_LOG).read_text()
     assert "View run" not in out  # nor MLflow's per-run links
+    assert "Configuration for experiment" not in out and "tensorboard" not in out  # nor Tune's
     assert out.rstrip().splitlines()[-1].startswith("trials view:"), out[-2000:]
     logger.info("SIGKILL after %d finished run(s) (%d saved by Tune): resumed fine", len(done),
                 len(saved_done))

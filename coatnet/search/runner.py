@@ -98,7 +98,7 @@ def _run_locked(plan: SearchPlan, options: SearchOptions) -> SearchOutcome:
                     "dir %s; MLflow %s (experiment %r, parent run %s)", plan.name,
                     settings.num_samples, concurrency, plan.trial.epochs, plan.experiment_dir,
                     plan.tracking_uri, plan.experiment_name, parent_run_id)
-        with interrupted:
+        with interrupted, _tune_output(verbose=options.verbose):
             grid = tuner.fit()
     except KeyboardInterrupt:  # a second Ctrl-C while Tune was saving its state
         _mark_interrupted(plan, parent_run_id)
@@ -162,6 +162,21 @@ def _tuner(plan: SearchPlan, *, tune_storage: str, parent_run_id: str, mlflow_st
                 num_to_keep=None, checkpoint_score_attribute=settings.metric,
                 checkpoint_score_order=settings.mode),
             failure_config=tune.FailureConfig(max_failures=plan.trial.max_failures)))
+
+
+@contextlib.contextmanager
+def _tune_output(*, verbose: bool) -> Iterator[None]:
+    """Without ``verbose``, Tune's own output engine is off for the fit: at verbosity 0 its
+    default engine still prints a "Configuration for experiment" box and a TensorBoard hint,
+    while the legacy one (``RAY_AIR_NEW_OUTPUT=0``) prints nothing. A user's value wins."""
+    if verbose or "RAY_AIR_NEW_OUTPUT" in os.environ:
+        yield
+        return
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
 
 
 def _searcher(plan: SearchPlan, *, mlflow_state: Path) -> Any:
