@@ -197,6 +197,7 @@ def write_results(args: argparse.Namespace, *, argv: list[str] | None, started: 
                f"{args.epochs} epochs per trial; budget {budget} epochs per run; "
                f"{args.seeds} seeds; {args.concurrency} trials at a time (Optuna alone: one)",
                "runs done: " + ", ".join(f"{m} {len(rows[m])}" for m in methods),
+               *([args.runs_note] if getattr(args, "runs_note", None) else []),
                f"versions: {harness.versions('ray', 'optuna', 'torch')}",
                f"anytime curves: `{png.name}`"])
     results.add("Median over seeds, [min, max] across them. *Reach*: epochs until the best "
@@ -253,6 +254,7 @@ def write_pareto_results(args: argparse.Namespace, *, argv: list[str] | None, st
                  f"in this benchmark's runs so far), one for every method and seed; "
                  f"hypervolume as a fraction of the box [0, 1] x {box}",
                "runs done: " + ", ".join(f"{m} {len(rows[m])}" for m in methods),
+               *([args.runs_note] if getattr(args, "runs_note", None) else []),
                f"versions: {harness.versions('ray', 'optuna', 'torch')}",
                f"hypervolume curves: `{png.name}`"])
     results.add("Median over seeds, [min, max] across them. A trial counts once it has run "

@@ -3,6 +3,7 @@
     python benchmarks/search_efficiency.py [--seeds 5] [--budget 40] [--epochs N]
         [--space search_spaces/coatnet_small.yaml] [--methods random,random_asha,optuna,ours,
         ours_complete] [--objectives val_accuracy,macs] [--out benchmarks/results/FILE.md]
+        [--runs FILE.runs.jsonl.gz]
 
 Every method searches the same space (the shipped default unless ``--space``; the benchmark
 sets its epochs per trial, ``--epochs``) with the same budget in epochs per run (``--budget``),
@@ -48,6 +49,12 @@ trial's test accuracy of its best-validation epoch instead. Reported, median ove
 the min-max spread: hypervolume at 25 %, 50 % and 100 % of the budget, test hypervolume at
 100 %, epochs until a run first reaches the median final hypervolume of ``random``, and whether
 ``ours`` at 50 % reaches it (the issue's target).
+
+Every finished run goes at once into the runs file next to the results (``X.runs.jsonl.gz``,
+``efficiency_runs.py``); a later call with the same space file, budget, epochs, concurrency and
+objectives reuses the runs in it and runs only the missing (method, seed) pairs, so a long
+benchmark can be done over several sittings, or its report rebuilt without training. Delete the
+file to measure everything anew.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ import yaml
 
 import efficiency_probes as probes
 import harness
+from efficiency_runs import RunKey, RunsFile, runs_path
 from efficiency_report import (anytime, hypervolume_anytime, parse_objectives,
                                reference_point, write_pareto_results, write_results, _all_runs)
 
@@ -291,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="default: benchmarks/results/search_efficiency.md, with "
                              "--objectives search_efficiency_pareto.md")
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="every finished run, reused by a later call with the same "
+                             "settings (default: next to --out, X.runs.jsonl.gz; delete it "
+                             "to measure anew)")
     args = parser.parse_args(argv)
     objectives: list[tuple[str, str]] = []
     if args.objectives is not None:
@@ -320,6 +332,15 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs = int(base["trial"]["epochs"])
     if args.budget < args.epochs:
         parser.error("--budget must be at least --epochs")
+    runs = RunsFile(args.runs or runs_path(args.out), key=RunKey.of(
+        space=args.space, budget=args.budget, epochs=args.epochs,
+        concurrency=args.concurrency, objectives=objectives))
+    done = runs.done()
+    args.runs_note = (f"runs file: `{runs.path.name}` (every run's per-epoch rows; "
+                      f"{len(done)} of them reused from an earlier call)")
+    if done:
+        print(f"reusing {len(done)} finished run(s) from {runs.path} (delete it to measure "
+              "them anew)", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="coatnet-efficiency-"))
     rows: dict[str, list[list[dict[str, Any]]]] = {m: [] for m in methods}
     walls: dict[str, list[float]] = {m: [] for m in methods}
@@ -334,9 +355,14 @@ def main(argv: list[str] | None = None) -> int:
                                   for m in methods}, rows=rows, walls=walls)
 
     try:
-        runner._init_ray(None)
         for seed in range(args.seeds):
             for method in harness.rotated(methods, seed):
+                if (method, seed) in done:
+                    rows[method].append(done[method, seed][0])
+                    walls[method].append(done[method, seed][1])
+                    continue
+                if not ray.is_initialized():
+                    runner._init_ray(None)
                 run_dir = tmp / f"{method}-{seed}"
                 run_dir.mkdir()
                 space = write_space(run_dir / f"{method}-{seed}.yaml", space_doc(
@@ -350,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                     run_ray_method(method, space, tmp=run_dir, sink=sink, budget=args.budget)
                 walls[method].append(time.time() - t0)
                 rows[method].append(probes.read(str(sink)))
+                runs.append(method=method, seed=seed, rows=rows[method][-1],
+                            wall_s=walls[method][-1])
                 if objectives:
                     costs = [m for m, _ in objectives[1:]]
                     volumes = hypervolume_anytime(
