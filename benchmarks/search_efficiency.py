@@ -190,7 +190,8 @@ def run_ray_method(method: str, space: Path, *, tmp: Path, sink: Path, budget: i
 
     # random and nsga2 run exactly budget / epochs trials; the others are ended by the budget
     # stopper
-    undo = [] if method in NO_EARLY_STOPPING else [_patch_run_config(_Budget(budget).stopper)]
+    stopper = None if method in NO_EARLY_STOPPING else _Budget(budget).stopper
+    undo = [] if stopper is None else [_patch_run_config(stopper)]
     if method == "ours_complete":
         undo.append(_patch_complete_reporting())
     original_run_trial = trial.run_trial
@@ -200,7 +201,9 @@ def run_ray_method(method: str, space: Path, *, tmp: Path, sink: Path, budget: i
                                  # one store for every run: a new SQLite store costs seconds
                                  mlflow_uri=f"sqlite:///{tmp.parent / 'mlflow.db'}"))
     except SearchInterrupted:
-        pass  # the budget stopper ended trials still running: what they reported is recorded
+        if stopper is None or stopper.epochs < budget:  # Ctrl-C: this run is not finished
+            raise KeyboardInterrupt from None
+        # else the budget stopper ended trials still running: what they reported is recorded
     finally:
         trial.run_trial = original_run_trial
         for step in undo:
