@@ -68,20 +68,32 @@ def plot(curves: dict[str, list[list[tuple[float, float | None]]]], path: Path, 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # left: the whole budget; right: from 20 % of it on, where the methods part
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11, 4.5))
     x = np.arange(1, budget + 1)
+    start = max(0, int(0.2 * budget) - 1)
+    lows, highs = [], []
     for method, runs in curves.items():
         values = np.array([[best for best, _ in run] for run in runs if len(run) == budget])
         if not len(values):
             continue
         low, mid, high = np.percentile(values, [25, 50, 75], axis=0)
-        ax.plot(x, mid, label=method)
-        ax.fill_between(x, low, high, alpha=0.2)
-    ax.set_xlabel("epochs spent")
+        for axis in (ax, zoom):
+            line, = axis.plot(x, mid, label=method)
+            axis.fill_between(x, low, high, alpha=0.2, color=line.get_color())
+        lows.append(low[start:].min())
+        highs.append(high[start:].max())
+    if lows:
+        pad = 0.05 * (max(highs) - min(lows) or 1.0)
+        zoom.set_xlim(start + 1, budget)
+        zoom.set_ylim(min(lows) - pad, max(highs) + pad)
+    for axis in (ax, zoom):
+        axis.set_xlabel("epochs spent")
+        axis.grid(alpha=0.3)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
+    zoom.set_title(f"from {start + 1} epochs on", fontsize=10)
     ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
