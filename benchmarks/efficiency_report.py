@@ -193,6 +193,16 @@ def _all_runs(rows: dict[str, list[list[dict[str, Any]]]]) -> list[list[dict[str
     return [run for runs in rows.values() for run in runs]
 
 
+def kept_reading(out: Path) -> list[str]:
+    """The hand-written ``## Reading`` section of the results file being replaced (from its
+    heading to the end), so that rebuilding a report keeps it; check it against the new table."""
+    if not out.exists():
+        return []
+    lines = out.read_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("## Reading")), None)
+    return [] if start is None else ["", *lines[start:]]
+
+
 def write_results(args: argparse.Namespace, *, argv: list[str] | None, started: str,
                   host: Any, methods: list[str], curves: dict[str, list[Any]],
                   rows: dict[str, list[list[dict[str, Any]]]],
@@ -235,6 +245,7 @@ def write_results(args: argparse.Namespace, *, argv: list[str] | None, started: 
                     f"final validation accuracy, per seed): {spread(spreads)}")
     plot(curves, png, budget=budget, title=f"{args.space.name}: best so far, median and IQR "
          f"over {args.seeds} seeds")
+    results.add(*kept_reading(args.out))
     results.write(args.out)
 
 
@@ -300,4 +311,5 @@ def write_pareto_results(args: argparse.Namespace, *, argv: list[str] | None, st
     plot(curves, png, budget=budget, ylabel="hypervolume so far (fraction of the box)",
          title=f"{args.space.name}, {' vs '.join(m for m, _ in objectives)}: median and "
                f"IQR over {args.seeds} seeds")
+    results.add(*kept_reading(args.out))
     results.write(args.out)

@@ -80,13 +80,23 @@ class RunsFile:
         if not self.path.exists():
             return {}
         found: dict[tuple[str, int], tuple[list[dict[str, Any]], float]] = {}
-        with gzip.open(self.path, "rt") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                run = json.loads(line)
-                if run.get("key") == self.key.as_json():
-                    found[(run["method"], int(run["seed"]))] = (run["rows"], float(run["wall_s"]))
+        read = 0
+        try:
+            with gzip.open(self.path, "rt") as fh:
+                for line in fh:
+                    if not line.strip():
+                        continue
+                    run = json.loads(line)
+                    read += 1
+                    if run.get("key") == self.key.as_json():
+                        found[(run["method"], int(run["seed"]))] = (
+                            run["rows"], float(run["wall_s"]))
+        except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(
+                f"{self.path}: the runs file is unreadable after its first {read} run(s) "
+                f"({type(exc).__name__}: {exc}); a run was probably cut while it was written. "
+                "Move the file away (or pass --runs with a new path) to measure those runs "
+                "again.") from exc
         return found
 
     def append(self, *, method: str, seed: int, rows: list[dict[str, Any]],
