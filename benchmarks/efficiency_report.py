@@ -15,7 +15,6 @@ from typing import Any
 import efficiency_probes as probes
 import harness
 
-REPO = harness.REPO
 SCRIPT = str(Path(__file__).with_name("search_efficiency.py"))
 FRACTIONS = (0.25, 0.5, 1.0)
 QUALITY = "val_accuracy"  # the probes record it and the test accuracy of every epoch
@@ -215,7 +214,7 @@ def write_results(args: argparse.Namespace, *, argv: list[str] | None, started: 
         "Search efficiency: best model found per epoch of compute", script=SCRIPT,
         args=argv, date=started, machine=harness.machine(),
         items=[f"host: {host.name}, {host.cores} usable cores, Python {host.python}",
-               f"space: `{Path(args.space).resolve().relative_to(REPO)}` with at most "
+               f"space: `{harness.shown_path(args.space)}` with at most "
                f"{args.epochs} epochs per trial; budget {budget} epochs per run; "
                f"{args.seeds} seeds; {args.concurrency} trials at a time (Optuna alone: one)",
                "runs done: " + ", ".join(f"{m} {len(rows[m])}" for m in methods),
@@ -267,7 +266,7 @@ def write_pareto_results(args: argparse.Namespace, *, argv: list[str] | None, st
         "Search efficiency, accuracy versus cost: hypervolume per epoch of compute",
         script=SCRIPT, args=argv, date=started, machine=harness.machine(),
         items=[f"host: {host.name}, {host.cores} usable cores, Python {host.python}",
-               f"space: `{Path(args.space).resolve().relative_to(REPO)}` with at most "
+               f"space: `{harness.shown_path(args.space)}` with at most "
                f"{args.epochs} epochs per trial; budget {budget} epochs per run; "
                f"{args.seeds} seeds; {args.concurrency} trials at a time",
                "objectives: " + ", ".join(f"{m} ({mode})" for m, mode in objectives),

@@ -246,15 +246,19 @@ def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+def shown_path(path: str | Path) -> str:
+    """``path`` as a results file names it: relative to the repo when inside it, else as given
+    (a space file in /tmp must not stop a benchmark when it writes its report)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def command(script: str | Path, args: Sequence[str] | None = None) -> str:
     """``python benchmarks/NAME.py ARGS`` (the script relative to the repo; ``args`` default
     to this process's), as the results file records it."""
-    path = Path(script).resolve()
-    try:
-        name = str(path.relative_to(REPO))
-    except ValueError:
-        name = str(script)
-    return shlex.join(["python", name, *(sys.argv[1:] if args is None else args)])
+    return shlex.join(["python", shown_path(script), *(sys.argv[1:] if args is None else args)])
 
 
 def row(*cells: object) -> str:

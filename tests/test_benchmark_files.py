@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import efficiency_report  # noqa: E402
+import harness  # noqa: E402
 from efficiency_runs import RunKey, RunsFile  # noqa: E402
 
 SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "coatnet_small.yaml"
@@ -56,3 +57,9 @@ def test_rebuilt_report_keeps_the_reading(tmp_path: Path) -> None:
                                                    "- it means this"]
     out.write_text("# T\n\n| a |\n")
     assert efficiency_report.kept_reading(out) == []
+
+
+def test_a_space_outside_the_repo_is_named_as_given(tmp_path: Path) -> None:
+    assert harness.shown_path(SPACE) == "search_spaces/coatnet_small.yaml"
+    outside = tmp_path / "space.yaml"
+    assert harness.shown_path(outside) == str(outside)  # no ValueError after the first seed
