@@ -60,10 +60,15 @@ def _compact(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _commit() -> str | None:
+def _commit(where: Path = Path(__file__).parent) -> str | None:
+    """The short commit the run measured, ``+dirty`` when tracked files had changed since."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=where, check=True).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return None
 

@@ -37,7 +37,8 @@ then one or more of ``params``, ``macs``, ``latency_ms``, minimised); the space 
   ``ParetoASHA``).
 - ``nsga2``: Optuna's NSGA-II (``searcher: nsga2``), no early stopping, ``budget / epochs``
   trials.
-- ``ours``: TPE + the runner's ``ParetoASHA``, ended by the budget stopper.
+- ``ours``: TPE, its startup trials spread over the cost (``search.start: cost_spread``, the
+  shipped default), + the runner's ``ParetoASHA``, ended by the budget stopper.
 
 A trial's point is its best validation accuracy over its epochs and its costs; it counts once
 it has run every epoch (as ``coatnet.search.front.front_of``: early-stopped trials are never on

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import efficiency_report  # noqa: E402
 import harness  # noqa: E402
-from efficiency_runs import RunKey, RunsFile  # noqa: E402
+from efficiency_runs import RunKey, RunsFile, _commit  # noqa: E402
 
 SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "coatnet_small.yaml"
 ROWS = [{"t": 1.23456, "trial": "a", "epoch": 1, "status": "running", "val_accuracy": 0.5,
@@ -63,3 +63,23 @@ def test_a_space_outside_the_repo_is_named_as_given(tmp_path: Path) -> None:
     assert harness.shown_path(SPACE) == "search_spaces/coatnet_small.yaml"
     outside = tmp_path / "space.yaml"
     assert harness.shown_path(outside) == str(outside)  # no ValueError after the first seed
+
+
+def test_a_run_names_its_commit_and_a_changed_tree(tmp_path: Path) -> None:
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=tmp_path, check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "one")
+    head = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert _commit(tmp_path) == head  # an untracked file does not change what ran
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert _commit(tmp_path) == f"{head}+dirty"
+    assert _commit(tmp_path / "missing") is None

@@ -21,7 +21,8 @@ from mlflow.tracking import MlflowClient
 
 from coatnet import CoAtNetConfig
 from coatnet.search.figures import FIGURE_FILES
-from coatnet.search.searcher import INTERMEDIATE_ATTR_PREFIX, search_trials, storage_url
+from coatnet.search.searcher import (INTERMEDIATE_ATTR_PREFIX, START_ATTR, search_trials,
+                                     storage_url)
 from coatnet.search.tracking.views import (EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND,
                                            PRIMARY_METRIC_TAG, VIEW_KEY, VIEW_TAG_PREFIX)
 
@@ -140,6 +141,12 @@ def test_the_stored_study_has_two_directions_and_two_values(pareto_search) -> No
         if row.status in ("completed", "early-stopped"):  # every epoch's value is kept
             assert sorted(int(s) for s in trial.user_attrs[key]) == \
                 list(range(1, row.epochs_done + 1))
+    # the random start (4 startup trials) went along the cost axis, cheapest first
+    ordered = sorted(search_trials(study), key=lambda t: t.number)
+    start = [t for t in ordered if t.user_attrs.get(START_ATTR)]
+    assert start == ordered[:4]
+    macs = [rows[t.user_attrs["tune_trial_id"]].macs for t in start]
+    assert macs == sorted(macs) and macs[0] < macs[-1]
 
 
 def test_the_parent_run_holds_the_front(pareto_search) -> None:

@@ -203,7 +203,22 @@ def _searcher(plan: SearchPlan, *, mlflow_state: Path) -> Any:
                        mode=[o.mode for o in objectives], sampler=sampler,
                        storage=storage_url(plan.experiment_dir), study_name=plan.name,
                        max_epochs=plan.trial.epochs, enqueue=settings.enqueue,
+                       start=_cost_spread_start(plan, objectives=objectives),
                        run_id_of=RecordedRunIds(str(mlflow_state)))
+
+
+def _cost_spread_start(plan: SearchPlan, *, objectives: Any) -> Any:
+    """TPE with a cost objective and ``search.start: cost_spread``: the startup trials the
+    space's ``enqueue`` leaves, spread over the first cost (``space.cost_start``); else None."""
+    from coatnet.search.space.cost_start import cost_spread_start
+
+    settings = plan.space.search
+    n = min(settings.n_startup_trials, settings.num_samples) - len(settings.enqueue)
+    if settings.searcher != "tpe" or settings.start != "cost_spread" or len(objectives) < 2 \
+            or n <= 0:
+        return None
+    return functools.partial(cost_spread_start, plan.space, n=n, cost=objectives[1].metric,
+                             seed=settings.seed)
 
 
 def nsga2_population(settings: Any) -> int:

@@ -11,7 +11,8 @@
   as ``mlflow_run_id``.
 * **Known configurations go first, once.** ``enqueue`` (the space's ``search.enqueue``) is
   enqueued into a new study only (Ray would enqueue again into the stored study on every
-  fresh start), marked ``enqueued``.
+  fresh start), marked ``enqueued``; then ``start`` (the cost-spread start of
+  ``space.cost_start``, computed for a new study only), marked ``cost_spread_start``.
 * **A restored searcher may not know a trial.** Tune saves (and copies to storage, in the
   background) its experiment state and the searcher's pickle one after the other; a driver
   killed in between leaves a searcher older than the trials Tune restores, and Ray's
@@ -58,6 +59,7 @@ TRIAL_ID_ATTR = "tune_trial_id"
 ORPHANED_ATTR = "orphaned"
 RUN_ID_ATTR = "mlflow_run_id"
 ENQUEUED_ATTR = "enqueued"
+START_ATTR = "cost_spread_start"
 ORPHANS_ATTR = "orphaned_trials"
 INTERMEDIATE_ATTR_PREFIX = "intermediate_"  # several objectives: {epoch: quality value}
 
@@ -73,6 +75,7 @@ class StudySearch(OptunaSearch):
     def __init__(self, *, space: Any, metric: str | Sequence[str], mode: str | Sequence[str],
                  sampler: optuna.samplers.BaseSampler, storage: str, study_name: str,
                  max_epochs: int, enqueue: Sequence[Mapping[str, Any]] = (),
+                 start: Callable[[], Sequence[Mapping[str, Any]]] | None = None,
                  run_id_of: Callable[[str], str | None] | None = None) -> None:
         if not isinstance(metric, str):  # several objectives: Ray's OptunaSearch takes lists
             metric, mode = list(metric), list(mode)
@@ -84,6 +87,7 @@ class StudySearch(OptunaSearch):
         self._max_epochs = int(max_epochs)
         self._reported: dict[str, set[int]] = {}
         self._enqueue = [dict(point) for point in enqueue]
+        self._start = start
         self._run_id_of = run_id_of
         super().__init__(space=space, metric=metric, mode=mode, sampler=sampler,
                          study_name=study_name,
@@ -92,11 +96,18 @@ class StudySearch(OptunaSearch):
     def _setup_study(self, mode: str | list[str]) -> None:
         super()._setup_study(mode)
         # A new study only: a driver killed after enqueueing left them WAITING (asked next)
-        if self._enqueue and not self._ot_study.get_trials(deepcopy=False):
-            for point in self._enqueue:
-                self._ot_study.enqueue_trial(point, user_attrs={ENQUEUED_ATTR: True})
+        if self._ot_study.get_trials(deepcopy=False):
+            return
+        for point in self._enqueue:
+            self._ot_study.enqueue_trial(point, user_attrs={ENQUEUED_ATTR: True})
+        if self._enqueue:
             logger.info("enqueued %d known configuration(s) to be evaluated first",
                         len(self._enqueue))
+        try:
+            for point in self._start() if self._start is not None else ():
+                self._ot_study.enqueue_trial(point, user_attrs={START_ATTR: True})
+        except Exception as err:  # noqa: BLE001 - the searcher must never stop the search
+            logger.warning("no cost-spread start (%s): the start is TPE's random one", err)
 
     # ------------------------------------------------------------------ Tune's calls
     def suggest(self, trial_id: str) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ it:
 * ``problems``: collecting problems and formatting them as a :class:`SpaceError`;
 * ``feasibility``: smallest candidates, buildability and budget checks, params/MACs counting;
 * ``sampling``: define-by-run sampling of a ``Candidate`` and the constraint values;
+* ``cost_start``: the cost-spread start of an accuracy-versus-cost TPE search;
 * ``searchspace``: the :class:`SearchSpace` a loaded file becomes;
 * ``loading``: :func:`load_space` (the file, the schema, cross-section and data checks).
 

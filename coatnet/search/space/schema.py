@@ -120,6 +120,8 @@ class SearchSection(_Strict):
     objectives: list[ObjectiveEntry] = Field(default_factory=list)
     latency: LatencySection = Field(default_factory=LatencySection)
     n_startup_trials: int = Field(5, ge=0)
+    # TPE with a cost objective: the random start spread over cost (space.cost_start)
+    start: Literal["cost_spread", "random"] = "cost_spread"
     asha: AshaSection | None = Field(default_factory=AshaSection)  # null: no early stopping
     # configurations evaluated first (coatnet.search.space.warmstart); flat after loading
     enqueue: list[Any] = Field(default_factory=list)
