@@ -44,7 +44,8 @@ def cost_spread_start(space: Any, *, n: int, cost: str, seed: int | None,
     attr = cost if cost in STATIC_COSTS else "macs"
     study = scratch_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     found: list[tuple[float, dict[str, Any]]] = []
-    for _ in range(max(draws, n)):
+    draws = max(draws, n)
+    for _ in range(draws):
         trial = study.ask()
         candidate, _ = space._sample(trial)
         value = getattr(candidate, attr)
@@ -55,7 +56,7 @@ def cost_spread_start(space: Any, *, n: int, cost: str, seed: int | None,
     points = [found[i][1] for i in picked]
     if points:
         logger.info("cost-spread start: %d of %d random candidates, %s %s to %s", len(points),
-                    max(draws, n), attr, f"{math.exp(found[picked[0]][0]):,.0f}",
+                    draws, attr, f"{math.exp(found[picked[0]][0]):,.0f}",
                     f"{math.exp(found[picked[-1]][0]):,.0f}")
     return points
 
